@@ -1,0 +1,1 @@
+"""Sjaak: a multi-tenant customer-journey API for web shops."""

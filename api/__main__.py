@@ -1,0 +1,251 @@
+"""Command line: ``python -m api serve|worker|migrate|tenants|openapi``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar
+from collections.abc import Iterator
+from uuid import UUID
+
+from api.config import Settings, SettingsError, load_settings
+from api.db import Database
+from api.db.embedded import EmbeddedPostgres, start_embedded
+from api.db.migrate import MigrationError, MigrationSet, migrate, migration_status
+from api.logs import configure_logging, dict_config
+from api.tenants import lifecycle
+
+log = logging.getLogger("sjaak.cli")
+T = TypeVar("T")
+
+
+@contextmanager
+def database_url(settings: Settings) -> Iterator[str]:
+    """The configured URL, or the embedded server's (started now, stopped on the way out)."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    server: EmbeddedPostgres = start_embedded(settings.data_dir)
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+
+
+@asynccontextmanager
+async def connected(url: str, settings: Settings, **pool: Any) -> AsyncIterator[Database]:
+    db = await Database.connect(
+        url, statement_timeout_ms=settings.statement_timeout_ms, **pool
+    )
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def run_with_db(settings: Settings, url: str, work: Callable[[Database], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with connected(url, settings, min_size=1, max_size=max(2, settings.migrate_concurrency + 1)) as db:
+            return await work(db)
+
+    return asyncio.run(main())
+
+
+def print_progress(done: int, total: int, failed: int) -> None:
+    step = max(1, total // 20)
+    if done == total or done % step == 0:
+        print(f"  shops migrated: {done}/{total} ({failed} failed)", file=sys.stderr, flush=True)
+
+
+async def migrate_and_report(db: Database, settings: Settings) -> bool:
+    report = await migrate(db, concurrency=settings.migrate_concurrency, on_progress=print_progress)
+    for name in report.control_applied:
+        print(f"  control migration applied: {name}", file=sys.stderr)
+    print(
+        f"migrate: control schema up to date; {report.shops_migrated} of {report.shops_total} "
+        f"shop(s) brought up to date in {report.seconds:.2f}s",
+        file=sys.stderr,
+    )
+    for schema, error in report.shops_failed.items():
+        print(f"  FAILED {schema}: {error}", file=sys.stderr)
+    if report.shops_failed:
+        print(
+            f"migrate: {len(report.shops_failed)} shop(s) failed and were left unchanged; "
+            "fix the cause and run migrate again to finish them",
+            file=sys.stderr,
+        )
+    return report.ok
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    with database_url(settings) as url:
+        if args.status:
+            status = run_with_db(settings, url, lambda db: migration_status(db))
+            print(json.dumps({
+                "control_version": status.control_version,
+                "control_latest": status.control_latest,
+                "tenant_latest": status.tenant_latest,
+                "shops_by_version": {str(k): v for k, v in sorted(status.shops_by_version.items())},
+                "shops_behind": status.shops_behind,
+                "up_to_date": status.up_to_date,
+            }, indent=2))
+            return 0 if status.up_to_date else 1
+        ok = run_with_db(settings, url, lambda db: migrate_and_report(db, settings))
+        return 0 if ok else 1
+
+
+def tenant_json(record: lifecycle.TenantRecord) -> dict[str, Any]:
+    return {
+        "id": str(record.id),
+        "name": record.name,
+        "schema": record.schema_name,
+        "status": record.status,
+        "schema_version": record.schema_version,
+        "created_at": record.created_at.isoformat(),
+    }
+
+
+def cmd_tenants(settings: Settings, args: argparse.Namespace) -> int:
+    async def act(db: Database) -> Any:
+        await migrate(db)  # a tenant command on a fresh database must still work
+        match args.action:
+            case "create":
+                return tenant_json(await lifecycle.create_tenant(db, args.name))
+            case "list":
+                return [tenant_json(r) for r in await lifecycle.list_tenants(db, include_deleted=args.all)]
+            case "suspend":
+                return tenant_json(await lifecycle.suspend_tenant(db, UUID(args.id), reason=args.reason))
+            case "resume":
+                return tenant_json(await lifecycle.resume_tenant(db, UUID(args.id)))
+            case "delete":
+                return tenant_json(await lifecycle.delete_tenant(db, UUID(args.id), confirm=args.confirm))
+        raise AssertionError(args.action)
+
+    with database_url(settings) as url:
+        try:
+            result = run_with_db(settings, url, act)
+        except (lifecycle.TenantNotFound, lifecycle.ConfirmationRequired, ValueError) as exc:
+            print(f"tenants {args.action}: {exc}", file=sys.stderr)
+            return 2
+    if getattr(args, "json", False) or args.action == "list":
+        print(json.dumps(result, indent=None if args.action != "list" else 2))
+    else:
+        print(f"{result['name']}: id {result['id']}, schema {result['schema']}, {result['status']}")
+    return 0
+
+
+def cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
+    from api.app import create_app
+
+    app = create_app(settings)
+    print(json.dumps(app.openapi_schema.to_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    host = args.host or settings.host
+    port = args.port or settings.port
+    workers = args.workers or settings.workers
+    with database_url(settings) as url:
+        async def prepare(db: Database) -> None:
+            if not await migrate_and_report(db, settings):
+                raise MigrationError("some shops failed to migrate; see above")
+            if settings.seed_demo:
+                shop, created = await lifecycle.ensure_demo_tenant(db)
+                verb = "created" if created else "found"
+                print(f"demo shop {verb}: {json.dumps(tenant_json(shop))}", file=sys.stderr)
+
+        run_with_db(settings, url, prepare)
+        # The workers are separate processes; they find the database through the environment.
+        os.environ["SJAAK_DATABASE_URL"] = url
+        print(f"serving on http://{host}:{port} (API docs at http://{host}:{port}/schema)",
+              file=sys.stderr, flush=True)
+        Granian(
+            "api.asgi:app_from_env",
+            factory=True,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGI,
+            workers=workers,
+            log_access=False,
+            workers_kill_timeout=30,
+            log_dictconfig=dict_config(settings.log_level),
+        ).serve()
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    print("worker: no background jobs are registered yet", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m api", description="Sjaak service commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="migrate, seed the demo shop and serve HTTP")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.set_defaults(handler=cmd_serve)
+
+    sub.add_parser("worker", help="run background jobs").set_defaults(handler=cmd_worker)
+
+    mig = sub.add_parser("migrate", help="bring the control schema and every shop up to date")
+    mig.add_argument("--status", action="store_true", help="report only; exit 1 if behind")
+    mig.set_defaults(handler=cmd_migrate)
+
+    tenants = sub.add_parser("tenants", help="manage shops")
+    tsub = tenants.add_subparsers(dest="action", required=True)
+    create = tsub.add_parser("create", help="provision a shop")
+    create.add_argument("name")
+    create.add_argument("--json", action="store_true")
+    lst = tsub.add_parser("list", help="list shops as JSON")
+    lst.add_argument("--all", action="store_true", help="include deleted shops")
+    suspend = tsub.add_parser("suspend", help="block a shop's requests")
+    suspend.add_argument("id")
+    suspend.add_argument("--reason")
+    suspend.add_argument("--json", action="store_true")
+    resume = tsub.add_parser("resume", help="serve a suspended shop again")
+    resume.add_argument("id")
+    resume.add_argument("--json", action="store_true")
+    delete = tsub.add_parser("delete", help="drop a shop's schema and data")
+    delete.add_argument("id")
+    delete.add_argument("--confirm", action="store_true", help="required: deletion is final")
+    delete.add_argument("--json", action="store_true")
+    tenants.set_defaults(handler=cmd_tenants)
+
+    sub.add_parser("openapi", help="print the OpenAPI spec").set_defaults(handler=cmd_openapi)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.command != "openapi":
+        configure_logging(settings.log_level)
+    try:
+        code: int = args.handler(settings, args)
+    except MigrationError as exc:
+        print(f"migrate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shops: provisioning, suspension, deletion."""

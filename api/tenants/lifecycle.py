@@ -1,0 +1,186 @@
+"""A shop's life: provisioned with its own schema, suspended and resumed, deleted on confirmation."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+import msgspec
+
+from api.db import ControlConn, Database, Tenant, new_shop_schema_name
+from api.db.migrate import MigrationSet, create_shop_schema, drop_shop_schema
+from api.errors import Problem
+
+TenantStatus = Literal["active", "suspended", "deleted"]
+
+_COLUMNS = "id, name, schema_name, status, status_reason, schema_version, created_at"
+
+
+class TenantRecord(msgspec.Struct, frozen=True):
+    id: UUID
+    name: str
+    schema_name: str
+    status: TenantStatus
+    status_reason: str | None
+    schema_version: int
+    created_at: datetime
+
+    def as_tenant(self) -> Tenant:
+        """The request-scoped view, only for a shop that may be served."""
+        ensure_serving(self)
+        return Tenant(id=self.id, schema=self.schema_name)
+
+
+class TenantNotFound(LookupError):
+    pass
+
+
+class ConfirmationRequired(Exception):
+    pass
+
+
+def ensure_serving(record: TenantRecord) -> None:
+    """Refuse requests for a shop that is not active, with a problem the caller can act on."""
+    if record.status == "suspended":
+        reason = f" Reason: {record.status_reason}." if record.status_reason else ""
+        raise Problem(
+            "tenant-suspended",
+            f"This shop is suspended.{reason} Contact support to have it resumed.",
+        )
+    if record.status != "active":
+        # A deleted shop's credentials are simply no longer valid.
+        raise Problem("unauthenticated", "The credential belongs to a shop that no longer exists.")
+
+
+async def create_tenant(
+    db: Database, name: str, *, actor: str = "cli", migrations: MigrationSet | None = None
+) -> TenantRecord:
+    """Create a shop: its row, its schema and every tenant migration, all in one transaction."""
+    name = name.strip()
+    if not 1 <= len(name) <= 200:
+        raise ValueError("a shop name is 1 to 200 characters")
+    migrations = migrations or MigrationSet.from_directory()
+    schema = new_shop_schema_name()
+    async with db.control() as conn:
+        version = await create_shop_schema(conn, schema, migrations)
+        row = await conn.fetchrow(
+            f"INSERT INTO sjaak.tenants (name, schema_name, schema_version) VALUES ($1, $2, $3)"
+            f" RETURNING {_COLUMNS}",
+            name,
+            schema,
+            version,
+        )
+        record = msgspec.convert(dict(row), TenantRecord)
+        await _audit(conn, record.id, actor, "tenant.created", {"name": name, "schema": schema})
+    return record
+
+
+async def get_tenant(db: Database, tenant_id: UUID) -> TenantRecord:
+    async with db.control() as conn:
+        row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM sjaak.tenants WHERE id = $1", tenant_id)
+    if row is None:
+        raise TenantNotFound(f"no shop with id {tenant_id}")
+    return msgspec.convert(dict(row), TenantRecord)
+
+
+async def list_tenants(db: Database, *, include_deleted: bool = False) -> list[TenantRecord]:
+    async with db.control() as conn:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM sjaak.tenants"
+            " WHERE $1 OR status <> 'deleted' ORDER BY created_at, id",
+            include_deleted,
+        )
+    return [msgspec.convert(dict(r), TenantRecord) for r in rows]
+
+
+async def suspend_tenant(
+    db: Database, tenant_id: UUID, *, reason: str | None = None, actor: str = "cli"
+) -> TenantRecord:
+    return await _set_status(db, tenant_id, "suspended", reason, actor, allowed_from=("active",))
+
+
+async def resume_tenant(db: Database, tenant_id: UUID, *, actor: str = "cli") -> TenantRecord:
+    return await _set_status(db, tenant_id, "active", None, actor, allowed_from=("suspended",))
+
+
+async def delete_tenant(
+    db: Database, tenant_id: UUID, *, confirm: bool, actor: str = "cli"
+) -> TenantRecord:
+    """Drop the shop's schema and all its data. Irreversible, so it needs ``confirm=True``."""
+    if not confirm:
+        raise ConfirmationRequired(
+            "deleting a shop drops its schema and every row in it; pass --confirm to proceed"
+        )
+    async with db.control() as conn:
+        current = await _locked(conn, tenant_id)
+        if current.status == "deleted":
+            return current
+        schema = current.schema_name
+        await drop_shop_schema(conn, schema)
+        row = await conn.fetchrow(
+            "UPDATE sjaak.tenants SET status = 'deleted', deleted_at = now(), updated_at = now()"
+            f" WHERE id = $1 RETURNING {_COLUMNS}",
+            tenant_id,
+        )
+        await _audit(conn, tenant_id, actor, "tenant.deleted", {"schema": schema})
+    return msgspec.convert(dict(row), TenantRecord)
+
+
+async def ensure_demo_tenant(db: Database) -> tuple[TenantRecord, bool]:
+    """The demo shop for ``make run``: the existing one, or a new one. Returns (shop, created)."""
+    async with db.control() as conn:
+        row = await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM sjaak.tenants WHERE name = 'Demo shop'"
+            " AND status <> 'deleted' ORDER BY created_at LIMIT 1"
+        )
+    if row is not None:
+        return msgspec.convert(dict(row), TenantRecord), False
+    return await create_tenant(db, "Demo shop", actor="seed"), True
+
+
+async def _set_status(
+    db: Database,
+    tenant_id: UUID,
+    status: TenantStatus,
+    reason: str | None,
+    actor: str,
+    *,
+    allowed_from: tuple[TenantStatus, ...],
+) -> TenantRecord:
+    async with db.control() as conn:
+        current = await _locked(conn, tenant_id)
+        if current.status == status:
+            return current
+        if current.status not in allowed_from:
+            raise ValueError(f"a {current.status} shop cannot become {status}")
+        row = await conn.fetchrow(
+            "UPDATE sjaak.tenants SET status = $2, status_reason = $3, updated_at = now()"
+            f" WHERE id = $1 RETURNING {_COLUMNS}",
+            tenant_id,
+            status,
+            reason,
+        )
+        await _audit(conn, tenant_id, actor, f"tenant.{status}", {"reason": reason})
+    return msgspec.convert(dict(row), TenantRecord)
+
+
+async def _locked(conn: ControlConn, tenant_id: UUID) -> TenantRecord:
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM sjaak.tenants WHERE id = $1 FOR UPDATE", tenant_id
+    )
+    if row is None:
+        raise TenantNotFound(f"no shop with id {tenant_id}")
+    return msgspec.convert(dict(row), TenantRecord)
+
+
+async def _audit(
+    conn: ControlConn, tenant_id: UUID, actor: str, action: str, details: dict[str, object]
+) -> None:
+    await conn.execute(
+        "INSERT INTO sjaak.audit_log (tenant_id, actor, action, details) VALUES ($1, $2, $3, $4)",
+        tenant_id,
+        actor,
+        action,
+        details,
+    )
