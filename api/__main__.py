@@ -8,16 +8,15 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
-from collections.abc import Iterator
 from uuid import UUID
 
 from api.config import Settings, SettingsError, load_settings
 from api.db import Database
 from api.db.embedded import EmbeddedPostgres, start_embedded
-from api.db.migrate import MigrationError, MigrationSet, migrate, migration_status
+from api.db.migrate import MigrationError, migrate, migration_status
 from api.logs import configure_logging, dict_config
 from api.tenants import lifecycle
 
@@ -40,9 +39,7 @@ def database_url(settings: Settings) -> Iterator[str]:
 
 @asynccontextmanager
 async def connected(url: str, settings: Settings, **pool: Any) -> AsyncIterator[Database]:
-    db = await Database.connect(
-        url, statement_timeout_ms=settings.statement_timeout_ms, **pool
-    )
+    db = await Database.connect(url, statement_timeout_ms=settings.statement_timeout_ms, **pool)
     try:
         yield db
     finally:
@@ -51,7 +48,9 @@ async def connected(url: str, settings: Settings, **pool: Any) -> AsyncIterator[
 
 def run_with_db(settings: Settings, url: str, work: Callable[[Database], Awaitable[T]]) -> T:
     async def main() -> T:
-        async with connected(url, settings, min_size=1, max_size=max(2, settings.migrate_concurrency + 1)) as db:
+        async with connected(
+            url, settings, min_size=1, max_size=max(2, settings.migrate_concurrency + 1)
+        ) as db:
             return await work(db)
 
     return asyncio.run(main())
@@ -87,14 +86,21 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     with database_url(settings) as url:
         if args.status:
             status = run_with_db(settings, url, lambda db: migration_status(db))
-            print(json.dumps({
-                "control_version": status.control_version,
-                "control_latest": status.control_latest,
-                "tenant_latest": status.tenant_latest,
-                "shops_by_version": {str(k): v for k, v in sorted(status.shops_by_version.items())},
-                "shops_behind": status.shops_behind,
-                "up_to_date": status.up_to_date,
-            }, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "control_version": status.control_version,
+                        "control_latest": status.control_latest,
+                        "tenant_latest": status.tenant_latest,
+                        "shops_by_version": {
+                            str(k): v for k, v in sorted(status.shops_by_version.items())
+                        },
+                        "shops_behind": status.shops_behind,
+                        "up_to_date": status.up_to_date,
+                    },
+                    indent=2,
+                )
+            )
             return 0 if status.up_to_date else 1
         ok = run_with_db(settings, url, lambda db: migrate_and_report(db, settings))
         return 0 if ok else 1
@@ -118,13 +124,20 @@ def cmd_tenants(settings: Settings, args: argparse.Namespace) -> int:
             case "create":
                 return tenant_json(await lifecycle.create_tenant(db, args.name))
             case "list":
-                return [tenant_json(r) for r in await lifecycle.list_tenants(db, include_deleted=args.all)]
+                return [
+                    tenant_json(r)
+                    for r in await lifecycle.list_tenants(db, include_deleted=args.all)
+                ]
             case "suspend":
-                return tenant_json(await lifecycle.suspend_tenant(db, UUID(args.id), reason=args.reason))
+                return tenant_json(
+                    await lifecycle.suspend_tenant(db, UUID(args.id), reason=args.reason)
+                )
             case "resume":
                 return tenant_json(await lifecycle.resume_tenant(db, UUID(args.id)))
             case "delete":
-                return tenant_json(await lifecycle.delete_tenant(db, UUID(args.id), confirm=args.confirm))
+                return tenant_json(
+                    await lifecycle.delete_tenant(db, UUID(args.id), confirm=args.confirm)
+                )
         raise AssertionError(args.action)
 
     with database_url(settings) as url:
@@ -156,6 +169,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     port = args.port or settings.port
     workers = args.workers or settings.workers
     with database_url(settings) as url:
+
         async def prepare(db: Database) -> None:
             if not await migrate_and_report(db, settings):
                 raise MigrationError("some shops failed to migrate; see above")
@@ -167,8 +181,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         run_with_db(settings, url, prepare)
         # The workers are separate processes; they find the database through the environment.
         os.environ["SJAAK_DATABASE_URL"] = url
-        print(f"serving on http://{host}:{port} (API docs at http://{host}:{port}/schema)",
-              file=sys.stderr, flush=True)
+        print(
+            f"serving on http://{host}:{port} (API docs at http://{host}:{port}/schema)",
+            file=sys.stderr,
+            flush=True,
+        )
         Granian(
             "api.asgi:app_from_env",
             factory=True,

@@ -27,31 +27,27 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
     migrations = MigrationSet.from_directory()
 
     @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        db = database
-        if db is None:
-            if not settings.database_url:
-                raise RuntimeError(
-                    "SJAAK_DATABASE_URL is not set; start the service with `python -m api serve`,"
-                    " which starts the embedded PostgreSQL when no URL is given"
-                )
-            db = await Database.connect(
-                settings.database_url,
-                min_size=settings.pool_min_size,
-                max_size=settings.pool_max_size,
-                statement_timeout_ms=settings.statement_timeout_ms,
+    async def own_pool(app: Litestar) -> AsyncIterator[None]:
+        if not settings.database_url:
+            raise RuntimeError(
+                "SJAAK_DATABASE_URL is not set; start the service with `python -m api serve`,"
+                " which starts the embedded PostgreSQL when no URL is given"
             )
-        app.state.db = db
+        app.state.db = await Database.connect(
+            settings.database_url,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            statement_timeout_ms=settings.statement_timeout_ms,
+        )
         try:
             yield
         finally:
-            if database is None:
-                await db.close()
+            await app.state.db.close()
 
     app = Litestar(
         route_handlers=[health, ready, problem_page],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        lifespan=[lifespan],
+        lifespan=[] if database else [own_pool],
         openapi_config=OpenAPIConfig(
             title="Sjaak API",
             version=API_VERSION,
@@ -64,6 +60,8 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
         logging_config=None,  # ours: JSON lines, configured above
     )
     app.state.settings = settings
+    if database is not None:
+        app.state.db = database
     app.state.migrations = migrations
     app.asgi_handler = RequestContextMiddleware(app.asgi_handler)
     return app

@@ -35,7 +35,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if not 1 <= self.port <= 65535:
             raise ValueError(f"SJAAK_PORT must be 1..65535, got {self.port}")
         if self.workers < 1 or self.migrate_concurrency < 1 or self.pool_max_size < 1:
-            raise ValueError("SJAAK_WORKERS, SJAAK_MIGRATE_CONCURRENCY, SJAAK_POOL_MAX_SIZE must be >= 1")
+            raise ValueError(
+                "SJAAK_WORKERS, SJAAK_MIGRATE_CONCURRENCY, SJAAK_POOL_MAX_SIZE must be >= 1"
+            )
         if self.pool_min_size > self.pool_max_size:
             raise ValueError("SJAAK_POOL_MIN_SIZE must not exceed SJAAK_POOL_MAX_SIZE")
         if self.statement_timeout_ms < 0:

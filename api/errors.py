@@ -13,8 +13,9 @@ from typing import Any
 
 import msgspec
 from litestar import MediaType, Request, Response, get
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -31,37 +32,90 @@ class ProblemType(msgspec.Struct, frozen=True):
 PROBLEM_TYPES: dict[str, ProblemType] = {
     p.slug: p
     for p in (
-        ProblemType("validation", 422, "Invalid request",
-                    "The request body, query or path failed validation. `errors` lists each "
-                    "failing field as a JSON path with the reason."),
-        ProblemType("malformed-body", 400, "Malformed request body",
-                    "The body is not valid JSON, or not the JSON type the endpoint expects."),
-        ProblemType("not-found", 404, "Not found",
-                    "No such resource exists for your credential. Objects of other shops are "
-                    "reported as not found, never as forbidden."),
-        ProblemType("method-not-allowed", 405, "Method not allowed",
-                    "The resource exists but does not support this HTTP method; see `Allow`."),
-        ProblemType("unauthenticated", 401, "Authentication required",
-                    "The request has no valid credential. `detail` says what was wrong."),
-        ProblemType("forbidden", 403, "Forbidden",
-                    "The credential is valid but may not perform this operation."),
-        ProblemType("tenant-suspended", 403, "Shop suspended",
-                    "The shop this credential belongs to is suspended. Reads and writes are "
-                    "refused until the platform operator resumes it."),
-        ProblemType("conflict", 409, "Conflict",
-                    "The request conflicts with the current state of the resource."),
-        ProblemType("payload-too-large", 413, "Payload too large",
-                    "The request body exceeds a documented size limit; `detail` names it."),
-        ProblemType("unsupported-media-type", 415, "Unsupported media type",
-                    "Send request bodies as `application/json`."),
-        ProblemType("rate-limited", 429, "Too many requests",
-                    "Slow down; `Retry-After` says when to try again."),
-        ProblemType("http-error", 400, "Bad request",
-                    "The request could not be processed as sent."),
-        ProblemType("internal", 500, "Internal server error",
-                    "Something failed on our side. Quote the `request_id` when contacting support."),
-        ProblemType("unavailable", 503, "Service unavailable",
-                    "The service cannot serve requests right now; retry with backoff."),
+        ProblemType(
+            "validation",
+            422,
+            "Invalid request",
+            "The request body, query or path failed validation. `errors` lists each "
+            "failing field as a JSON path with the reason.",
+        ),
+        ProblemType(
+            "malformed-body",
+            400,
+            "Malformed request body",
+            "The body is not valid JSON, or not the JSON type the endpoint expects.",
+        ),
+        ProblemType(
+            "not-found",
+            404,
+            "Not found",
+            "No such resource exists for your credential. Objects of other shops are "
+            "reported as not found, never as forbidden.",
+        ),
+        ProblemType(
+            "method-not-allowed",
+            405,
+            "Method not allowed",
+            "The resource exists but does not support this HTTP method; see `Allow`.",
+        ),
+        ProblemType(
+            "unauthenticated",
+            401,
+            "Authentication required",
+            "The request has no valid credential. `detail` says what was wrong.",
+        ),
+        ProblemType(
+            "forbidden",
+            403,
+            "Forbidden",
+            "The credential is valid but may not perform this operation.",
+        ),
+        ProblemType(
+            "tenant-suspended",
+            403,
+            "Shop suspended",
+            "The shop this credential belongs to is suspended. Reads and writes are "
+            "refused until the platform operator resumes it.",
+        ),
+        ProblemType(
+            "conflict",
+            409,
+            "Conflict",
+            "The request conflicts with the current state of the resource.",
+        ),
+        ProblemType(
+            "payload-too-large",
+            413,
+            "Payload too large",
+            "The request body exceeds a documented size limit; `detail` names it.",
+        ),
+        ProblemType(
+            "unsupported-media-type",
+            415,
+            "Unsupported media type",
+            "Send request bodies as `application/json`.",
+        ),
+        ProblemType(
+            "rate-limited",
+            429,
+            "Too many requests",
+            "Slow down; `Retry-After` says when to try again.",
+        ),
+        ProblemType(
+            "http-error", 400, "Bad request", "The request could not be processed as sent."
+        ),
+        ProblemType(
+            "internal",
+            500,
+            "Internal server error",
+            "Something failed on our side. Quote the `request_id` when contacting support.",
+        ),
+        ProblemType(
+            "unavailable",
+            503,
+            "Service unavailable",
+            "The service cannot serve requests right now; retry with backoff.",
+        ),
     )
 }
 
@@ -144,23 +198,15 @@ def _validation_errors(extra: Any) -> list[FieldError]:
     for item in extra if isinstance(extra, list) else []:
         if not isinstance(item, dict):
             continue
-        message = str(item.get("message", "invalid value"))
         key = item.get("key")
         source = item.get("source")
         if source in ("query", "path", "header", "cookie") and key:
             path = f"{source}.{key}"
         else:
-            path = _json_path_of(message, key)
-        errors.append(FieldError(path=path, message=message))
+            # A body error is keyed below "data", the handler's body parameter.
+            path = "$" if key in (None, "", "data") else f"$.{key}"
+        errors.append(FieldError(path=path, message=str(item.get("message", "invalid value"))))
     return errors
-
-
-def _json_path_of(message: str, key: Any) -> str:
-    # msgspec appends " - at `$.field[0]`" to its messages; that path is the precise one.
-    marker = " - at `"
-    if marker in message:
-        return message.split(marker, 1)[1].rstrip("`")
-    return f"$.{key}" if key else "$"
 
 
 def handle_problem(request: Request[Any, Any, Any], exc: Problem) -> Response[bytes]:
@@ -181,20 +227,17 @@ _HTTP_SLUGS = {
 }
 
 
-def handle_http_exception(
-    request: Request[Any, Any, Any], exc: HTTPException
-) -> Response[bytes]:
+def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     if isinstance(exc, ValidationException):
-        errors = _validation_errors(exc.extra)
-        malformed = exc.detail.startswith("Malformed") or not errors
-        if malformed:
-            detail = "The request body is not valid JSON."
-            if errors:
-                detail = errors[0].message
-            return problem_response(request, Problem("malformed-body", detail))
+        errors = _validation_errors(exc.extra) or [FieldError(path="$", message=exc.detail)]
         return problem_response(
             request,
             Problem("validation", f"{len(errors)} field(s) failed validation.", errors=errors),
+        )
+    if isinstance(exc.__cause__, SerializationException):
+        return problem_response(
+            request,
+            Problem("malformed-body", f"The request body is not valid JSON: {exc.__cause__}"),
         )
     status = exc.status_code
     slug = _HTTP_SLUGS.get(status, "http-error" if status < 500 else "internal")
@@ -211,8 +254,9 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     log.exception("unhandled error", exc_info=exc)
     return problem_response(
         request,
-        Problem("internal", PROBLEM_TYPES["internal"].description,
-                status=HTTP_500_INTERNAL_SERVER_ERROR),
+        Problem(
+            "internal", PROBLEM_TYPES["internal"].description, status=HTTP_500_INTERNAL_SERVER_ERROR
+        ),
     )
 
 
@@ -223,8 +267,10 @@ EXCEPTION_HANDLERS = {
 }
 
 
-@get("/problems/{slug:str}", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False)
-def problem_page(slug: str) -> str:
+@get(
+    "/problems/{slug:str}", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False
+)
+def problem_page(slug: FromPath[str]) -> str:
     """A short human page for each problem type, so the ``type`` URIs resolve."""
     problem_type = PROBLEM_TYPES.get(slug)
     if problem_type is None:

@@ -6,8 +6,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
+from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.logs import request_id_var, tenant_var
@@ -17,7 +19,7 @@ _VALID_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
 access_log = logging.getLogger("sjaak.access")
 
 
-def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str:
     """The caller's ``X-Request-Id`` when it is a sane token, else a fresh one."""
     for name, value in headers:
         if name == REQUEST_ID_HEADER and _VALID_REQUEST_ID.match(value):
@@ -32,7 +34,7 @@ class RequestContextMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
         request_id = request_id_from(scope["headers"])

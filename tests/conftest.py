@@ -8,13 +8,14 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 from litestar import Litestar
-from litestar.testing import AsyncTestClient
 
 from api.app import create_app
 from api.config import load_settings
@@ -120,7 +121,15 @@ def app(db: Database) -> Litestar:
     return create_app(load_settings({}, environment="test"), database=db)
 
 
+@asynccontextmanager
+async def http_client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for ``app`` on the test's own event loop (the pool lives there too)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
 @pytest.fixture
-async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    async with AsyncTestClient(app=app) as test_client:
+async def client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    async with http_client(app) as test_client:
         yield test_client

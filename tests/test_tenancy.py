@@ -24,9 +24,7 @@ async def emails(conn: TenantConn) -> list[str]:
     return [r["email"] for r in await conn.fetch("SELECT email FROM customers ORDER BY email")]
 
 
-async def test_one_pooled_connection_keeps_shops_apart(
-    db_url: str, make_shop: ShopFactory
-) -> None:
+async def test_one_pooled_connection_keeps_shops_apart(db_url: str, make_shop: ShopFactory) -> None:
     shop_a = (await make_shop("Shop A")).as_tenant()
     shop_b = (await make_shop("Shop B")).as_tenant()
     single = await Database.connect(db_url, min_size=1, max_size=1)

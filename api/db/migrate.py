@@ -24,7 +24,7 @@ from uuid import UUID
 
 import asyncpg
 
-from api.db.pool import Database
+from api.db.pool import Database, PooledConnection
 from api.db.schemas import checked_shop_schema
 from api.db.tenant import begin_in_schema_sql
 
@@ -169,9 +169,7 @@ async def migrate(
     return report
 
 
-async def _migrate_control(
-    conn: asyncpg.Connection[asyncpg.Record], migrations: MigrationSet
-) -> list[str]:
+async def _migrate_control(conn: PooledConnection, migrations: MigrationSet) -> list[str]:
     await conn.execute(_BOOTSTRAP)
     recorded = await _recorded(conn, "control")
     _refuse_changed_files("control", migrations.control, recorded)
@@ -186,17 +184,13 @@ async def _migrate_control(
     return [m.file_name for m in pending]
 
 
-async def _register_tenant_catalog(
-    conn: asyncpg.Connection[asyncpg.Record], migrations: MigrationSet
-) -> None:
+async def _register_tenant_catalog(conn: PooledConnection, migrations: MigrationSet) -> None:
     recorded = await _recorded(conn, "tenant")
     _refuse_changed_files("tenant", migrations.tenant, recorded)
     await _record(conn, "tenant", [m for m in migrations.tenant if m.version not in recorded])
 
 
-async def check_tenant_catalog(
-    conn: asyncpg.Connection[asyncpg.Record], migrations: MigrationSet
-) -> None:
+async def check_tenant_catalog(conn: PooledConnection, migrations: MigrationSet) -> None:
     """Refuse to provision from files that differ from what ``migrate`` recorded."""
     recorded = await _recorded(conn, "tenant")
     _refuse_changed_files("tenant", migrations.tenant, recorded)
@@ -207,7 +201,7 @@ async def check_tenant_catalog(
         )
 
 
-async def _recorded(conn: asyncpg.Connection[asyncpg.Record], scope: str) -> dict[int, str]:
+async def _recorded(conn: PooledConnection, scope: str) -> dict[int, str]:
     rows = await conn.fetch(
         "SELECT version, checksum FROM sjaak.schema_migrations WHERE scope = $1", scope
     )
@@ -233,9 +227,7 @@ def _refuse_changed_files(
             )
 
 
-async def _record(
-    conn: asyncpg.Connection[asyncpg.Record], scope: str, migrations: Sequence[Migration]
-) -> None:
+async def _record(conn: PooledConnection, scope: str, migrations: Sequence[Migration]) -> None:
     await conn.executemany(
         "INSERT INTO sjaak.schema_migrations (scope, version, name, checksum)"
         " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
@@ -300,9 +292,7 @@ async def migrate_shop(
     return bool(pending)
 
 
-async def create_shop_schema(
-    conn: asyncpg.Connection[asyncpg.Record], schema: str, migrations: MigrationSet
-) -> int:
+async def create_shop_schema(conn: PooledConnection, schema: str, migrations: MigrationSet) -> int:
     """Create ``schema`` and apply every tenant migration, inside the caller's transaction.
 
     Returns the version reached. The search path is set transaction-locally, as everywhere.
@@ -315,7 +305,7 @@ async def create_shop_schema(
     return migrations.latest_tenant
 
 
-async def drop_shop_schema(conn: asyncpg.Connection[asyncpg.Record], schema: str) -> None:
+async def drop_shop_schema(conn: PooledConnection, schema: str) -> None:
     """Drop a shop's schema and everything in it, inside the caller's transaction."""
     await conn.execute(f"DROP SCHEMA IF EXISTS {checked_shop_schema(schema)} CASCADE")
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, NewType
+from typing import NewType
 
 import asyncpg
 import msgspec
+from asyncpg.pool import PoolConnectionProxy
 
+#: What the pool hands out.
+PooledConnection = PoolConnectionProxy[asyncpg.Record]
 #: A connection inside a control-schema transaction (default search path; SQL names ``sjaak.``).
-ControlConn = NewType("ControlConn", "asyncpg.Connection[asyncpg.Record]")
+ControlConn = NewType("ControlConn", PooledConnection)
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
@@ -61,7 +64,7 @@ class Database:
         await self.pool.close()
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection[asyncpg.Record]]:
+    async def connection(self) -> AsyncIterator[PooledConnection]:
         """A raw connection, for ``api.db`` internals only (migrations, locks)."""
         async with self.pool.acquire() as conn:
             yield conn
@@ -79,8 +82,3 @@ class Database:
                 return bool(await conn.fetchval("SELECT true", timeout=2))
         except (OSError, asyncpg.PostgresError, TimeoutError):
             return False
-
-
-def record_to(struct_type: type[Any], record: asyncpg.Record) -> Any:
-    """Convert a row into a msgspec Struct by column name."""
-    return msgspec.convert(dict(record), struct_type)

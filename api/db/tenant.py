@@ -17,12 +17,12 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
-from api.db.pool import Database
+from api.db.pool import Database, PooledConnection
 from api.db.schemas import checked_shop_schema
 
 log = logging.getLogger("sjaak.db.tenant")
 
-TenantConn = NewType("TenantConn", "asyncpg.Connection[asyncpg.Record]")
+TenantConn = NewType("TenantConn", PooledConnection)
 T = TypeVar("T")
 
 
@@ -43,7 +43,7 @@ def begin_in_schema_sql(schema: str, statement_timeout_ms: int) -> str:
 
 @asynccontextmanager
 async def scoped_transaction(
-    conn: asyncpg.Connection[asyncpg.Record], schema: str, statement_timeout_ms: int
+    conn: PooledConnection, schema: str, statement_timeout_ms: int
 ) -> AsyncIterator[TenantConn]:
     """Run a transaction on ``conn`` with the search path set to ``schema`` for it alone."""
     await conn.execute(begin_in_schema_sql(schema, statement_timeout_ms))
@@ -59,15 +59,14 @@ async def scoped_transaction(
 @asynccontextmanager
 async def tenant_tx(db: Database, tenant: Tenant) -> AsyncIterator[TenantConn]:
     """A transaction inside ``tenant``'s schema on a pooled connection."""
-    async with db.connection() as conn, scoped_transaction(
-        conn, tenant.schema, db.statement_timeout_ms
-    ) as tenant_conn:
+    async with (
+        db.connection() as conn,
+        scoped_transaction(conn, tenant.schema, db.statement_timeout_ms) as tenant_conn,
+    ):
         yield tenant_conn
 
 
-async def in_tenant(
-    db: Database, tenant: Tenant, work: Callable[[TenantConn], Awaitable[T]]
-) -> T:
+async def in_tenant(db: Database, tenant: Tenant, work: Callable[[TenantConn], Awaitable[T]]) -> T:
     """Run ``work`` in a tenant transaction, retrying once on a stale cached statement.
 
     Every shop is migrated in lock-step, but while a migration is rolling out two shops' tables

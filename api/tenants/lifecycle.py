@@ -1,4 +1,4 @@
-"""A shop's life: provisioned with its own schema, suspended and resumed, deleted on confirmation."""
+"""A shop's life: provisioned with its own schema, suspended and resumed, deleted on request."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
+import asyncpg
 import msgspec
 
 from api.db import ControlConn, Database, Tenant, new_shop_schema_name
@@ -71,7 +72,7 @@ async def create_tenant(
             schema,
             version,
         )
-        record = msgspec.convert(dict(row), TenantRecord)
+        record = _to_record(row)
         await _audit(conn, record.id, actor, "tenant.created", {"name": name, "schema": schema})
     return record
 
@@ -81,7 +82,7 @@ async def get_tenant(db: Database, tenant_id: UUID) -> TenantRecord:
         row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM sjaak.tenants WHERE id = $1", tenant_id)
     if row is None:
         raise TenantNotFound(f"no shop with id {tenant_id}")
-    return msgspec.convert(dict(row), TenantRecord)
+    return _to_record(row)
 
 
 async def list_tenants(db: Database, *, include_deleted: bool = False) -> list[TenantRecord]:
@@ -91,7 +92,7 @@ async def list_tenants(db: Database, *, include_deleted: bool = False) -> list[T
             " WHERE $1 OR status <> 'deleted' ORDER BY created_at, id",
             include_deleted,
         )
-    return [msgspec.convert(dict(r), TenantRecord) for r in rows]
+    return [_to_record(r) for r in rows]
 
 
 async def suspend_tenant(
@@ -124,7 +125,7 @@ async def delete_tenant(
             tenant_id,
         )
         await _audit(conn, tenant_id, actor, "tenant.deleted", {"schema": schema})
-    return msgspec.convert(dict(row), TenantRecord)
+    return _to_record(row)
 
 
 async def ensure_demo_tenant(db: Database) -> tuple[TenantRecord, bool]:
@@ -135,7 +136,7 @@ async def ensure_demo_tenant(db: Database) -> tuple[TenantRecord, bool]:
             " AND status <> 'deleted' ORDER BY created_at LIMIT 1"
         )
     if row is not None:
-        return msgspec.convert(dict(row), TenantRecord), False
+        return _to_record(row), False
     return await create_tenant(db, "Demo shop", actor="seed"), True
 
 
@@ -162,7 +163,7 @@ async def _set_status(
             reason,
         )
         await _audit(conn, tenant_id, actor, f"tenant.{status}", {"reason": reason})
-    return msgspec.convert(dict(row), TenantRecord)
+    return _to_record(row)
 
 
 async def _locked(conn: ControlConn, tenant_id: UUID) -> TenantRecord:
@@ -171,7 +172,7 @@ async def _locked(conn: ControlConn, tenant_id: UUID) -> TenantRecord:
     )
     if row is None:
         raise TenantNotFound(f"no shop with id {tenant_id}")
-    return msgspec.convert(dict(row), TenantRecord)
+    return _to_record(row)
 
 
 async def _audit(
@@ -184,3 +185,9 @@ async def _audit(
         action,
         details,
     )
+
+
+def _to_record(row: asyncpg.Record | None) -> TenantRecord:
+    if row is None:
+        raise TenantNotFound("the shop disappeared during the operation")
+    return msgspec.convert(dict(row), TenantRecord)
