@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import NewType
+from typing import TYPE_CHECKING, NewType, TypeAlias
 
 import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
 
-#: What the pool hands out.
-PooledConnection = PoolConnectionProxy[asyncpg.Record]
+#: What the pool hands out (the proxy is generic only in the type stubs).
+if TYPE_CHECKING:
+    PooledConnection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
+else:
+    PooledConnection = PoolConnectionProxy
 #: A connection inside a control-schema transaction (default search path; SQL names ``sjaak.``).
 ControlConn = NewType("ControlConn", PooledConnection)
 
