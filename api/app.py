@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,6 +11,10 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Server
 
+from api.auth.guards import authorize
+from api.auth.oauth import oauth_routes
+from api.auth.routes import ApiKeyController
+from api.auth.secrets import Keyring
 from api.config import Settings
 from api.db import Database
 from api.db.migrate import MigrationSet
@@ -17,6 +22,7 @@ from api.errors import EXCEPTION_HANDLERS, problem_page
 from api.health import health, ready
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
+from api.services import install_services, run_background, stop_services
 
 API_VERSION = "1.0.0"
 
@@ -26,28 +32,37 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
     configure_logging(settings.log_level)
     migrations = MigrationSet.from_directory()
 
+    keyring = Keyring.from_settings(settings)
+
     @asynccontextmanager
-    async def own_pool(app: Litestar) -> AsyncIterator[None]:
-        if not settings.database_url:
-            raise RuntimeError(
-                "SJAAK_DATABASE_URL is not set; start the service with `python -m api serve`,"
-                " which starts the embedded PostgreSQL when no URL is given"
+    async def services(app: Litestar) -> AsyncIterator[None]:
+        own_pool = database is None
+        if own_pool:
+            if not settings.database_url:
+                raise RuntimeError(
+                    "SJAAK_DATABASE_URL is not set; start the service with `python -m api serve`,"
+                    " which starts the embedded PostgreSQL when no URL is given"
+                )
+            db = await Database.connect(
+                settings.database_url,
+                min_size=settings.pool_min_size,
+                max_size=settings.pool_max_size,
+                statement_timeout_ms=settings.statement_timeout_ms,
             )
-        app.state.db = await Database.connect(
-            settings.database_url,
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            statement_timeout_ms=settings.statement_timeout_ms,
-        )
+            install_services(app.state, settings, db, keyring)
+        background = asyncio.create_task(run_background(app.state))
         try:
             yield
         finally:
-            await app.state.db.close()
+            await stop_services(app.state, background)
+            if own_pool:
+                await app.state.db.close()
 
     app = Litestar(
-        route_handlers=[health, ready, problem_page],
+        route_handlers=[health, ready, problem_page, ApiKeyController, *oauth_routes],
+        guards=[authorize],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        lifespan=[] if database else [own_pool],
+        lifespan=[services],
         openapi_config=OpenAPIConfig(
             title="Sjaak API",
             version=API_VERSION,
@@ -61,7 +76,19 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
     )
     app.state.settings = settings
     if database is not None:
-        app.state.db = database
+        # A caller-owned pool (tests, tools): services are ready without the lifespan.
+        install_services(app.state, settings, database, keyring)
+    app.state.publishable_paths = publishable_paths(app)
     app.state.migrations = migrations
     app.asgi_handler = RequestContextMiddleware(app.asgi_handler)
     return app
+
+
+def publishable_paths(app: Litestar) -> frozenset[str]:
+    """Paths with a handler that admits publishable keys (they get CORS preflight answers)."""
+    return frozenset(
+        route.path_format
+        for route in app.routes
+        for handler in getattr(route, "route_handlers", ())
+        if handler.opt.get("publishable")
+    )

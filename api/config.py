@@ -30,6 +30,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     migrate_concurrency: int = 4
     #: Create a demo shop on ``serve`` when there is none.
     seed_demo: bool = True
+    #: Secret for API-key HMACs and for encrypting token signing keys. Required in production;
+    #: elsewhere it is generated once and kept in ``data_dir/secret_key``.
+    secret_key: str | None = None
+    #: Earlier secrets, comma-separated, still accepted while keys made under them are in use.
+    previous_secret_keys: str = ""
+    #: Shared rate limits across workers and hosts; unset means per-process limits.
+    redis_url: str | None = None
+    #: The ``iss`` of our tokens; defaults to ``http://host:port``.
+    issuer: str | None = None
+    access_token_ttl_seconds: int = 900
+    refresh_token_ttl_days: int = 30
+    signing_key_rotation_days: int = 30
+    #: How often each worker polls for revoked credentials and suspended shops.
+    revocation_poll_seconds: float = 5.0
+    #: Default plan limits, per credential and per shop (token bucket: rate and burst).
+    rate_limit_per_second: float = 50.0
+    rate_limit_burst: int = 100
+    shop_rate_limit_per_second: float = 200.0
+    shop_rate_limit_burst: int = 400
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -42,6 +61,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("SJAAK_POOL_MIN_SIZE must not exceed SJAAK_POOL_MAX_SIZE")
         if self.statement_timeout_ms < 0:
             raise ValueError("SJAAK_STATEMENT_TIMEOUT_MS must be >= 0")
+        if not 60 <= self.access_token_ttl_seconds <= 900:
+            raise ValueError("SJAAK_ACCESS_TOKEN_TTL_SECONDS must be 60..900 (RFC 9068 advice)")
+        if self.secret_key is not None and len(self.secret_key) < 32:
+            raise ValueError("SJAAK_SECRET_KEY must be at least 32 characters")
+        if self.environment == "production" and not self.secret_key:
+            raise ValueError("SJAAK_SECRET_KEY is required in production")
+        if self.environment == "production" and not self.database_url:
+            raise ValueError("SJAAK_DATABASE_URL is required in production (no embedded server)")
+
+    @property
+    def token_issuer(self) -> str:
+        return (self.issuer or f"http://{self.host}:{self.port}").rstrip("/")
 
 
 class SettingsError(Exception):
@@ -57,8 +88,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         for key, value in source.items()
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in fields
     }
-    if raw.get("database_url") == "":
-        raw.pop("database_url")
+    for optional in ("database_url", "secret_key", "redis_url", "issuer"):
+        if raw.get(optional) == "":
+            raw.pop(optional)
     raw.update(overrides)
     try:
         return msgspec.convert(raw, Settings, strict=False)

@@ -71,6 +71,20 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
             "The credential is valid but may not perform this operation.",
         ),
         ProblemType(
+            "insufficient-scope",
+            403,
+            "Insufficient scope",
+            "The credential is valid but lacks a scope this operation needs; `detail` and the "
+            "`WWW-Authenticate` header name it.",
+        ),
+        ProblemType(
+            "origin-not-allowed",
+            403,
+            "Origin not allowed",
+            "A publishable key was used from a web origin that is not on its list of allowed "
+            "origins. Add the origin to the key.",
+        ),
+        ProblemType(
             "tenant-suspended",
             403,
             "Shop suspended",
@@ -268,7 +282,11 @@ EXCEPTION_HANDLERS = {
 
 
 @get(
-    "/problems/{slug:str}", media_type=MediaType.HTML, include_in_schema=False, sync_to_thread=False
+    "/problems/{slug:str}",
+    media_type=MediaType.HTML,
+    include_in_schema=False,
+    sync_to_thread=False,
+    opt={"public": True},
 )
 def problem_page(slug: FromPath[str]) -> str:
     """A short human page for each problem type, so the ``type`` URIs resolve."""

@@ -50,6 +50,8 @@ class RequestContextMiddleware:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                # Headers decided before the handler ran (rate limits, CORS), for any outcome.
+                headers.extend(scope["state"].get("response_headers", ()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -9,6 +9,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
+from api.auth.revocations import record_revocation
 from api.db import ControlConn, Database, Tenant, new_shop_schema_name
 from api.db.migrate import MigrationSet, create_shop_schema, drop_shop_schema
 from api.errors import Problem
@@ -125,6 +126,7 @@ async def delete_tenant(
             tenant_id,
         )
         await _audit(conn, tenant_id, actor, "tenant.deleted", {"schema": schema})
+        await record_revocation(conn, "tenant", str(tenant_id))
     return _to_record(row)
 
 
@@ -163,6 +165,7 @@ async def _set_status(
             reason,
         )
         await _audit(conn, tenant_id, actor, f"tenant.{status}", {"reason": reason})
+        await record_revocation(conn, "tenant", str(tenant_id))
     return _to_record(row)
 
 

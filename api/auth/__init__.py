@@ -1,0 +1,1 @@
+"""Authentication and authorization: API keys, OAuth 2, scopes, rate limits."""

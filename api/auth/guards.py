@@ -1,0 +1,165 @@
+"""One authorization model for every route.
+
+Each route handler declares what it needs in ``opt``:
+
+- ``opt={"public": True}``: no credential (health, metadata, OAuth endpoints that authenticate
+  the client themselves);
+- ``opt={"scopes": ("customers:read",)}``: a credential holding every listed scope;
+- ``"publishable": True`` additionally admits publishable keys (browser ingest only).
+
+:func:`authorize` runs before every handler: it authenticates, rate-limits, checks scopes and
+the publishable key's origin, and leaves the :class:`Principal` in the request state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from api.auth.credentials import Authenticator
+from api.auth.principal import Principal
+from api.auth.rate_limit import Decision, RateLimit, RateLimiter, rate_limit_headers
+from api.errors import Problem
+from api.logs import tenant_var
+
+PRINCIPAL = "principal"
+RESPONSE_HEADERS = "response_headers"
+PREFLIGHT_HEADERS = "authorization, content-type, idempotency-key, x-request-id"
+EXPOSED_HEADERS = "x-request-id, ratelimit-limit, ratelimit-remaining, ratelimit-reset, retry-after"
+
+
+class Limits:
+    """The token buckets for one plan: per credential and per shop."""
+
+    def __init__(self, credential: RateLimit, shop: RateLimit) -> None:
+        self.credential = credential
+        self.shop = shop
+
+
+def required_scopes(handler: BaseRouteHandler) -> frozenset[str]:
+    return frozenset(handler.opt.get("scopes", ()))
+
+
+def is_public(handler: BaseRouteHandler) -> bool:
+    return bool(handler.opt.get("public"))
+
+
+def add_response_headers(
+    connection: ASGIConnection[Any, Any, Any, Any], headers: dict[str, str]
+) -> None:
+    """Headers for whatever response this request ends in (success or problem)."""
+    extra: list[tuple[bytes, bytes]] = connection.scope["state"].setdefault(RESPONSE_HEADERS, [])
+    extra.extend((name.lower().encode(), value.encode()) for name, value in headers.items())
+
+
+async def authorize(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> None:
+    if connection.scope.get("method") == "OPTIONS":
+        _answer_preflight(connection)
+        return
+    if is_public(handler) or _is_api_docs(connection):
+        return
+    state = connection.app.state
+    authenticator: Authenticator = state.authenticator
+    principal = await authenticator.authenticate(connection.headers.get("authorization"))
+    tenant_var.set(str(principal.tenant.id))
+    await _spend_rate_limit(connection, state.rate_limiter, state.limits, principal)
+    _check_origin(connection, handler, principal)
+    required = required_scopes(handler)
+    if not principal.has_scopes(required):
+        missing = " ".join(sorted(required - principal.scopes))
+        raise Problem(
+            "insufficient-scope",
+            f"This operation needs the scope(s) {missing}, which the credential does not have.",
+            headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{missing}"'},
+        )
+    connection.scope["state"][PRINCIPAL] = principal
+
+
+def _is_api_docs(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """The spec and its renderer (routes Litestar adds itself) are public."""
+    config = connection.app.openapi_config
+    return config is not None and connection.scope["path"].startswith(config.path or "/schema")
+
+
+def _check_origin(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler, principal: Principal
+) -> None:
+    if principal.kind != "publishable":
+        return
+    if not handler.opt.get("publishable"):
+        raise Problem(
+            "forbidden",
+            "Publishable keys may only record touchpoints; use a secret key or an access token.",
+        )
+    origin = connection.headers.get("origin")
+    if origin is None:
+        return  # not a browser: origins restrict browsers, the key's scope restricts the rest
+    if origin not in principal.allowed_origins:
+        raise Problem(
+            "origin-not-allowed",
+            f"The origin {origin} is not on this publishable key's list of allowed origins.",
+        )
+    add_response_headers(
+        connection,
+        {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Expose-Headers": EXPOSED_HEADERS,
+            "Vary": "Origin",
+        },
+    )
+
+
+def _answer_preflight(connection: ASGIConnection[Any, Any, Any, Any]) -> None:
+    """Browsers send no credential on a preflight, so any origin may ask; the real request is
+    then refused unless its origin is on the publishable key's list."""
+    origin = connection.headers.get("origin")
+    publishable_paths: frozenset[str] = connection.app.state.publishable_paths
+    if origin is None or connection.scope.get("path_template") not in publishable_paths:
+        return
+    add_response_headers(
+        connection,
+        {
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "POST",
+            "Access-Control-Allow-Headers": PREFLIGHT_HEADERS,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
+
+
+async def _spend_rate_limit(
+    connection: ASGIConnection[Any, Any, Any, Any],
+    limiter: RateLimiter,
+    limits: Limits,
+    principal: Principal,
+) -> None:
+    per_credential = await limiter.hit(principal.credential_id, limits.credential)
+    per_shop = await limiter.hit(f"shop:{principal.tenant.id}", limits.shop)
+    tightest = _tightest(per_credential, per_shop)
+    headers = rate_limit_headers(tightest)
+    if not tightest.allowed:
+        raise Problem(
+            "rate-limited",
+            f"Rate limit exceeded; retry in {tightest.retry_after_seconds} s.",
+            headers=headers,
+        )
+    add_response_headers(connection, headers)
+
+
+def _tightest(*decisions: Decision) -> Decision:
+    denied = [d for d in decisions if not d.allowed]
+    if denied:
+        return max(denied, key=lambda d: d.retry_after_seconds)
+    return min(decisions, key=lambda d: d.remaining / max(d.limit, 1))
+
+
+def current_principal(request: Request[Any, Any, Any]) -> Principal:
+    """Dependency: the caller, as :func:`authorize` established it."""
+    principal: Principal = request.scope["state"][PRINCIPAL]
+    return principal
