@@ -10,9 +10,11 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
+from api.auth.secrets import Keyring, resolve_secret_key
 from api.config import Settings, SettingsError, load_settings
 from api.db import Database
 from api.db.embedded import EmbeddedPostgres, start_embedded
@@ -118,11 +120,18 @@ def tenant_json(record: lifecycle.TenantRecord) -> dict[str, Any]:
 
 
 def cmd_tenants(settings: Settings, args: argparse.Namespace) -> int:
+    keyring = Keyring.from_settings(settings)
+
     async def act(db: Database) -> Any:
         await migrate(db)  # a tenant command on a fresh database must still work
         match args.action:
             case "create":
-                return tenant_json(await lifecycle.create_tenant(db, args.name))
+                shop = await lifecycle.provision_shop(db, keyring, args.name)
+                return {
+                    **tenant_json(shop.tenant),
+                    "secret_key": shop.secret_key,
+                    "publishable_key": shop.publishable_key,
+                }
             case "list":
                 return [
                     tenant_json(r)
@@ -161,6 +170,34 @@ def cmd_openapi(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def print_demo_shop(
+    settings: Settings, shop: lifecycle.TenantRecord, created: lifecycle.ProvisionedShop | None
+) -> None:
+    """Show the demo shop's keys. Keys are only ever stored hashed, so for the next start of a
+    development server they are kept (0600) in the data directory, never in production."""
+    keys_file = Path(settings.data_dir).expanduser() / "demo_keys.json"
+    keys: dict[str, str] = {}
+    if created is not None:
+        keys = {"secret_key": created.secret_key, "publishable_key": created.publishable_key}
+        if settings.environment == "development":
+            keys_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"tenant_id": str(shop.id), **keys}, handle)
+    elif keys_file.exists():
+        saved = json.loads(keys_file.read_text())
+        if saved.get("tenant_id") == str(shop.id):
+            keys = {k: saved[k] for k in ("secret_key", "publishable_key")}
+    verb = "created" if created else "found"
+    print(f"demo shop {verb}: {json.dumps({**tenant_json(shop), **keys})}", file=sys.stderr)
+    if keys:
+        print(
+            "try: curl -H 'Authorization: Bearer "
+            f"{keys['secret_key']}' http://{settings.host}:{settings.port}/v1/api-keys",
+            file=sys.stderr,
+        )
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from granian import Granian
     from granian.constants import Interfaces
@@ -168,19 +205,20 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers
+    keyring = Keyring.from_settings(settings)
     with database_url(settings) as url:
 
         async def prepare(db: Database) -> None:
             if not await migrate_and_report(db, settings):
                 raise MigrationError("some shops failed to migrate; see above")
             if settings.seed_demo:
-                shop, created = await lifecycle.ensure_demo_tenant(db)
-                verb = "created" if created else "found"
-                print(f"demo shop {verb}: {json.dumps(tenant_json(shop))}", file=sys.stderr)
+                shop, created = await lifecycle.ensure_demo_tenant(db, keyring)
+                print_demo_shop(settings, shop, created)
 
         run_with_db(settings, url, prepare)
         # The workers are separate processes; they find the database through the environment.
         os.environ["SJAAK_DATABASE_URL"] = url
+        os.environ["SJAAK_SECRET_KEY"] = resolve_secret_key(settings)
         print(
             f"serving on http://{host}:{port} (API docs at http://{host}:{port}/schema)",
             file=sys.stderr,

@@ -11,6 +11,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Server
 
+from api.auth.client_routes import OAuthClientController
 from api.auth.guards import authorize
 from api.auth.oauth import oauth_routes
 from api.auth.routes import ApiKeyController
@@ -59,7 +60,14 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
                 await app.state.db.close()
 
     app = Litestar(
-        route_handlers=[health, ready, problem_page, ApiKeyController, *oauth_routes],
+        route_handlers=[
+            health,
+            ready,
+            problem_page,
+            ApiKeyController,
+            OAuthClientController,
+            *oauth_routes,
+        ],
         guards=[authorize],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         lifespan=[services],

@@ -18,11 +18,12 @@ import pytest
 from litestar import Litestar
 
 from api.app import create_app
-from api.config import load_settings
+from api.auth.secrets import Keyring
+from api.config import Settings, load_settings
 from api.db import Database
 from api.db.embedded import start_embedded
 from api.db.migrate import MIGRATIONS_DIR, MigrationSet, migrate
-from api.tenants.lifecycle import TenantRecord, create_tenant
+from api.tenants.lifecycle import ProvisionedShop, TenantRecord, create_tenant, provision_shop
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,9 +117,54 @@ def add_tenant_migration(migration_dir: Path, file_name: str, sql: str) -> Migra
     return MigrationSet.from_directory(migration_dir)
 
 
+def test_settings(**overrides: object) -> Settings:
+    """Settings for an app under test: a fixed secret, revocations seen on the next request."""
+    values: dict[str, object] = {
+        "environment": "test",
+        "secret_key": TEST_SECRET,
+        "revocation_poll_seconds": 0.0,
+        "issuer": "http://sjaak.test",
+    }
+    values.update(overrides)
+    return load_settings({}, **values)
+
+
+TEST_SECRET = "test-secret-0123456789-0123456789-abcdef"
+
+
+def make_app(db: Database, **overrides: object) -> Litestar:
+    return create_app(test_settings(**overrides), database=db)
+
+
 @pytest.fixture(scope="session")
 def app(db: Database) -> Litestar:
-    return create_app(load_settings({}, environment="test"), database=db)
+    return make_app(db)
+
+
+@pytest.fixture(scope="session")
+def keyring() -> Keyring:
+    return Keyring(TEST_SECRET)
+
+
+ProvisionFactory = Callable[..., Awaitable[ProvisionedShop]]
+
+
+@pytest.fixture
+def provision(db: Database, keyring: Keyring) -> ProvisionFactory:
+    """A new shop with a secret and a publishable key (``allowed_origins`` for the latter)."""
+
+    async def make(
+        name: str = "Keyed shop", allowed_origins: tuple[str, ...] = ()
+    ) -> ProvisionedShop:
+        return await provision_shop(
+            db, keyring, name, actor="test", allowed_origins=allowed_origins
+        )
+
+    return make
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 @asynccontextmanager

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, DatabaseFactory
+from tests.conftest import REPO, TEST_SECRET, DatabaseFactory, bearer
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -39,7 +39,7 @@ def cli_env(**variables: str) -> dict[str, str]:
 
 @pytest.fixture
 async def cli_database(new_database: DatabaseFactory) -> dict[str, str]:
-    return cli_env(SJAAK_DATABASE_URL=await new_database())
+    return cli_env(SJAAK_DATABASE_URL=await new_database(), SJAAK_SECRET_KEY=TEST_SECRET)
 
 
 def test_tenant_commands_round_trip(cli_database: dict[str, str]) -> None:
@@ -49,6 +49,8 @@ def test_tenant_commands_round_trip(cli_database: dict[str, str]) -> None:
     assert shop["name"] == "Corner shop"
     assert shop["schema"].startswith("shop_")
     assert shop["status"] == "active"
+    assert shop["secret_key"].startswith("sjk_sk_live_")
+    assert shop["publishable_key"].startswith("sjk_pk_live_")
 
     listed = json.loads(run_cli("tenants", "list", env=cli_database).stdout)
     assert [s["id"] for s in listed] == [shop["id"]]
@@ -149,17 +151,27 @@ def wait_until_ready(base: str, process: subprocess.Popen[str]) -> None:
     raise AssertionError("serve did not become ready within 60 s")
 
 
-def test_serve_with_a_configured_database(cli_database: dict[str, str]) -> None:
-    with serving(cli_database) as (base, process):
+def test_serve_with_a_configured_database(cli_database: dict[str, str], tmp_path: Path) -> None:
+    env = {**cli_database, "SJAAK_DATA_DIR": str(tmp_path)}
+    with serving(env) as (base, process):
         health = httpx.get(f"{base}/health")
         assert health.status_code == 200
         assert health.headers["x-request-id"]
         assert httpx.get(f"{base}/schema/openapi.json").status_code == 200
+        demo = json.loads((tmp_path / "demo_keys.json").read_text())
+        assert oct((tmp_path / "demo_keys.json").stat().st_mode & 0o777) == "0o600"
+        listed = httpx.get(f"{base}/v1/api-keys", headers=bearer(demo["secret_key"]))
+        assert listed.status_code == 200, listed.text
+        assert len(listed.json()["data"]) == 2
+        assert httpx.get(f"{base}/v1/api-keys").status_code == 401
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
     output = process.stdout.read() if process.stdout else ""
     assert "demo shop created" in output
-    assert '"logger":"sjaak.access"' in output
+    assert demo["secret_key"] in output, "make run prints the demo shop's keys"
+    access = [json.loads(line) for line in output.splitlines() if '"sjaak.access"' in line]
+    assert {"request_id", "route", "status", "duration_ms"} <= access[-1].keys()
+    assert any(line.get("tenant") == demo["tenant_id"] for line in access)
 
 
 def test_serve_embedded_reuses_its_data_and_stops_postgres(tmp_path: Path) -> None:

@@ -13,13 +13,11 @@ import pytest
 from litestar import Litestar, get, post
 from litestar.params import JSONBody
 
-from api.app import create_app
-from api.config import load_settings
 from api.db import Database
 from api.db.migrate import MigrationSet, migrate
 from api.logs import JsonFormatter
 from api.tenants.lifecycle import create_tenant
-from tests.conftest import add_tenant_migration, http_client
+from tests.conftest import add_tenant_migration, http_client, make_app
 
 PROBLEM = "application/problem+json"
 
@@ -58,7 +56,7 @@ async def explode() -> None:
 
 @pytest.fixture(scope="module")
 def probe_app(db: Database) -> Litestar:
-    app = create_app(load_settings({}, environment="test"), database=db)
+    app = make_app(db)
     app.register(validate_probe)
     app.register(explode)
     return app
@@ -85,7 +83,7 @@ async def test_ready_when_everything_is_migrated(client: httpx.AsyncClient) -> N
 async def test_ready_is_503_while_a_shop_is_behind(fresh_db: Database, migration_dir: Path) -> None:
     await migrate(fresh_db, MigrationSet.from_directory(migration_dir))
     await create_tenant(fresh_db, "Lagging shop")
-    app = create_app(load_settings({}, environment="test"), database=fresh_db)
+    app = make_app(fresh_db)
     app.state.migrations = add_tenant_migration(
         migration_dir, "0002_notes.sql", "CREATE TABLE notes (id bigint PRIMARY KEY);"
     )
@@ -98,7 +96,7 @@ async def test_ready_is_503_while_a_shop_is_behind(fresh_db: Database, migration
 
 
 async def test_ready_is_503_before_the_control_schema_exists(fresh_db: Database) -> None:
-    app = create_app(load_settings({}, environment="test"), database=fresh_db)
+    app = make_app(fresh_db)
     async with http_client(app) as client:
         body = assert_problem(await client.get("/ready"), 503, "unavailable")
         assert "control schema" in str(body["detail"])

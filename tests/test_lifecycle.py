@@ -6,7 +6,9 @@ import uuid
 
 import pytest
 
+from api.auth.secrets import Keyring
 from api.db import Database
+from api.db.migrate import migrate
 from api.errors import Problem
 from api.tenants.lifecycle import (
     ConfirmationRequired,
@@ -16,6 +18,7 @@ from api.tenants.lifecycle import (
     ensure_demo_tenant,
     get_tenant,
     list_tenants,
+    provision_shop,
     resume_tenant,
     suspend_tenant,
 )
@@ -107,11 +110,36 @@ async def test_unknown_shop_is_reported(db: Database) -> None:
         await suspend_tenant(db, uuid.uuid4())
 
 
-async def test_the_demo_shop_is_created_once(fresh_db: Database) -> None:
-    from api.db.migrate import migrate
-
+async def test_the_demo_shop_is_created_once_with_keys(
+    fresh_db: Database, keyring: Keyring
+) -> None:
     await migrate(fresh_db)
-    first, created = await ensure_demo_tenant(fresh_db)
-    again, created_again = await ensure_demo_tenant(fresh_db)
-    assert created and not created_again
+    first, created = await ensure_demo_tenant(fresh_db, keyring)
+    again, created_again = await ensure_demo_tenant(fresh_db, keyring)
+    assert created is not None
+    assert created.secret_key.startswith("sjk_sk_live_")
+    assert created.publishable_key.startswith("sjk_pk_live_")
+    assert created_again is None
     assert again.id == first.id
+
+
+async def test_provisioning_with_keys_is_one_transaction(
+    db: Database, keyring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import api.tenants.lifecycle as lifecycle
+
+    before = len(await list_tenants(db))
+    calls = 0
+    real = lifecycle.create_api_key
+
+    async def fail_on_second_key(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("the database went away")
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lifecycle, "create_api_key", fail_on_second_key)
+    with pytest.raises(RuntimeError):
+        await provision_shop(db, keyring, "Half made")
+    assert len(await list_tenants(db)) == before, "no shop without its keys"

@@ -62,6 +62,7 @@ class Authenticator:
         self._keys: OrderedDict[bytes, api_keys.VerifiedKey | None] = OrderedDict()
         self._tenants: OrderedDict[UUID, tuple[str, str]] = OrderedDict()
         self._revoked_jti: dict[str, float] = {}
+        self._revoked_clients: dict[str, float] = {}
         self._revoked_jti_loaded = False
         self._last_used: dict[UUID, datetime] = {}
         self._last_used_written: dict[UUID, float] = {}
@@ -113,7 +114,7 @@ class Authenticator:
             claims = await self.tokens.verify(token)
         except InvalidToken as exc:
             raise AuthenticationFailed("invalid_token", str(exc)) from exc
-        if claims.jti in self._revoked_jti:
+        if self.is_revoked(claims.jti, claims.client_id):
             raise AuthenticationFailed("revoked", "The access token has been revoked.")
         tenant = await self._tenant_for_token(claims.tenant_id)
         return Principal(
@@ -162,8 +163,14 @@ class Authenticator:
     def forget_access_token(self, jti: str, expires_at: float) -> None:
         self._revoked_jti[jti] = expires_at
 
-    def is_revoked(self, jti: str) -> bool:
-        return jti in self._revoked_jti
+    def forget_client(self, client_id: str) -> None:
+        """Refuse the client's access tokens from now on (they live at most one token TTL)."""
+        self._revoked_clients[client_id] = self._clock() + self.tokens.ttl_seconds
+
+    def is_revoked(self, jti: str, client_id: str | None = None) -> bool:
+        return jti in self._revoked_jti or (
+            client_id is not None and client_id in self._revoked_clients
+        )
 
     async def _catch_up_revocations(self) -> None:
         if not self._feed.due():
@@ -173,6 +180,8 @@ class Authenticator:
                 return
             if not self._revoked_jti_loaded:
                 self._revoked_jti.update(await self._feed.revoked_access_tokens())
+                for client_id in await self._feed.recently_revoked_clients(self.tokens.ttl_seconds):
+                    self.forget_client(client_id)
                 self._revoked_jti_loaded = True
             for revocation in await self._feed.poll():
                 if revocation.kind == "api_key":
@@ -181,9 +190,12 @@ class Authenticator:
                     self.forget_tenant(revocation.subject)
                 elif revocation.kind == "access_token":
                     self._revoked_jti[revocation.subject] = self._clock() + 3600
+                elif revocation.kind == "oauth_client":
+                    self.forget_client(revocation.subject)
             now = self._clock()
-            for jti in [j for j, exp in self._revoked_jti.items() if exp < now]:
-                del self._revoked_jti[jti]
+            for revoked in (self._revoked_jti, self._revoked_clients):
+                for subject in [s for s, expires in revoked.items() if expires < now]:
+                    del revoked[subject]
 
     def _note_used(self, key_id: UUID, now: datetime) -> None:
         if self._clock() - self._last_used_written.get(key_id, 0.0) >= _LAST_USED_EVERY:

@@ -348,7 +348,9 @@ async def introspect(request: Request[Any, Any, Any], state: State) -> Response[
         except InvalidToken:
             return inactive
         authenticator: Authenticator = state.authenticator
-        if claims.client_id != client.client_id or authenticator.is_revoked(claims.jti):
+        if claims.client_id != client.client_id or authenticator.is_revoked(
+            claims.jti, claims.client_id
+        ):
             return inactive
         return Response(
             Introspection(

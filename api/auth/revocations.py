@@ -76,3 +76,13 @@ class RevocationFeed:
                 " FROM sjaak.revocations WHERE kind = 'access_token' AND expires_at > now()"
             )
         return {r["subject"]: r["expires"] for r in rows}
+
+    async def recently_revoked_clients(self, within_seconds: int) -> list[str]:
+        """Clients revoked recently enough that tokens they got may still be alive."""
+        async with self._db.control() as conn:
+            rows = await conn.fetch(
+                "SELECT subject FROM sjaak.revocations WHERE kind = 'oauth_client'"
+                " AND created_at > now() - make_interval(secs => $1)",
+                float(within_seconds),
+            )
+        return [r["subject"] for r in rows]

@@ -9,7 +9,9 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
+from api.auth.api_keys import create_api_key, scopes_for
 from api.auth.revocations import record_revocation
+from api.auth.secrets import Keyring
 from api.db import ControlConn, Database, Tenant, new_shop_schema_name
 from api.db.migrate import MigrationSet, create_shop_schema, drop_shop_schema
 from api.errors import Problem
@@ -59,22 +61,68 @@ async def create_tenant(
     db: Database, name: str, *, actor: str = "cli", migrations: MigrationSet | None = None
 ) -> TenantRecord:
     """Create a shop: its row, its schema and every tenant migration, all in one transaction."""
+    async with db.control() as conn:
+        return await _create_in(conn, name, actor, migrations)
+
+
+class ProvisionedShop(msgspec.Struct, frozen=True):
+    """A new shop with its first keys; the keys are shown this once."""
+
+    tenant: TenantRecord
+    secret_key: str
+    publishable_key: str
+
+
+async def provision_shop(
+    db: Database,
+    keyring: Keyring,
+    name: str,
+    *,
+    actor: str = "cli",
+    allowed_origins: tuple[str, ...] = (),
+    migrations: MigrationSet | None = None,
+) -> ProvisionedShop:
+    """A shop plus a secret and a publishable key, in one transaction (sign-up, CLI, seed)."""
+    async with db.control() as conn:
+        record = await _create_in(conn, name, actor, migrations)
+        secret = await create_api_key(
+            conn,
+            keyring,
+            record.id,
+            kind="secret",
+            name="First secret key",
+            scopes=scopes_for("secret", None),
+        )
+        publishable = await create_api_key(
+            conn,
+            keyring,
+            record.id,
+            kind="publishable",
+            name="First publishable key",
+            scopes=scopes_for("publishable", None),
+            allowed_origins=allowed_origins,
+        )
+    return ProvisionedShop(tenant=record, secret_key=secret.key, publishable_key=publishable.key)
+
+
+async def _create_in(
+    conn: ControlConn, name: str, actor: str, migrations: MigrationSet | None
+) -> TenantRecord:
     name = name.strip()
     if not 1 <= len(name) <= 200:
         raise ValueError("a shop name is 1 to 200 characters")
     migrations = migrations or MigrationSet.from_directory()
     schema = new_shop_schema_name()
-    async with db.control() as conn:
-        version = await create_shop_schema(conn, schema, migrations)
-        row = await conn.fetchrow(
-            f"INSERT INTO sjaak.tenants (name, schema_name, schema_version) VALUES ($1, $2, $3)"
-            f" RETURNING {_COLUMNS}",
-            name,
-            schema,
-            version,
-        )
-        record = _to_record(row)
-        await _audit(conn, record.id, actor, "tenant.created", {"name": name, "schema": schema})
+    version = await create_shop_schema(conn, schema, migrations)
+    row = await conn.fetchrow(
+        f"INSERT INTO sjaak.tenants (name, schema_name, schema_version) VALUES ($1, $2, $3)"
+        f" RETURNING {_COLUMNS}",
+        name,
+        schema,
+        version,
+    )
+    record = _to_record(row)
+    await _audit(conn, record.id, actor, "tenant.created", {"name": name, "schema": schema})
     return record
 
 
@@ -130,16 +178,25 @@ async def delete_tenant(
     return _to_record(row)
 
 
-async def ensure_demo_tenant(db: Database) -> tuple[TenantRecord, bool]:
-    """The demo shop for ``make run``: the existing one, or a new one. Returns (shop, created)."""
+async def ensure_demo_tenant(
+    db: Database, keyring: Keyring
+) -> tuple[TenantRecord, ProvisionedShop | None]:
+    """The demo shop for ``make run``: the existing one, or a new one with its first keys."""
     async with db.control() as conn:
         row = await conn.fetchrow(
             f"SELECT {_COLUMNS} FROM sjaak.tenants WHERE name = 'Demo shop'"
             " AND status <> 'deleted' ORDER BY created_at LIMIT 1"
         )
     if row is not None:
-        return _to_record(row), False
-    return await create_tenant(db, "Demo shop", actor="seed"), True
+        return _to_record(row), None
+    created = await provision_shop(
+        db,
+        keyring,
+        "Demo shop",
+        actor="seed",
+        allowed_origins=("http://localhost:3000", "http://127.0.0.1:8000"),
+    )
+    return created.tenant, created
 
 
 async def _set_status(
