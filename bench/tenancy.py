@@ -17,28 +17,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
-import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-import asyncpg
 
 from api.db import Database
-from api.db.embedded import start_embedded
 from api.db.migrate import MIGRATIONS_DIR, MigrationSet, migrate
 from api.tenants.lifecycle import create_tenant
+from bench.common import (
+    Machine,
+    Server,
+    bench_database,
+    machine_facts,
+    percentile,
+    postgres_server,
+    postgres_version,
+    progress,
+)
 
 RESULTS_FILE = Path(__file__).parent / "results" / "tenancy.json"
 ADDED_MIGRATION_FILE = "0002_bench_added_column.sql"
@@ -50,20 +52,9 @@ CREATE INDEX customers_by_email ON customers (email);
 #: Provisions compared at the start and the end of the run, to see whether it slows down.
 EDGE_WINDOW = 100
 PROGRESS_EVERY = 100
-EMBEDDED_KIND = "embedded scratch server, fsync off"
 
 
 # --- results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Machine:
-    cpus: int
-    cpu_model: str
-    memory_gib: float
-    python: str
-    postgres: str
-    server: str
 
 
 @dataclass(frozen=True)
@@ -110,53 +101,6 @@ class BenchResult:
 # --- the server and the database --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Server:
-    """Where to connect for administration, and the URL of a database on that server."""
-
-    kind: str
-    admin_url: str
-    url_for: Callable[[str], str]
-
-
-def with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
-@contextmanager
-def postgres_server() -> Iterator[Server]:
-    """The server ``BENCH_DATABASE_URL`` names, or a scratch embedded one (deleted afterwards)."""
-    configured = os.environ.get("BENCH_DATABASE_URL")
-    if configured:
-        yield Server("BENCH_DATABASE_URL", configured, lambda name: with_database(configured, name))
-        return
-    scratch = tempfile.mkdtemp(prefix="sjaak-bench-")
-    try:
-        progress(f"starting a scratch embedded PostgreSQL in {scratch}")
-        embedded = start_embedded(scratch, scratch=True, cleanup="delete")
-        try:
-            yield Server(EMBEDDED_KIND, embedded.url("postgres"), embedded.url)
-        finally:
-            embedded.stop()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-@asynccontextmanager
-async def bench_database(server: Server) -> AsyncIterator[str]:
-    """A fresh, empty database on ``server``, dropped on the way out; yields its URL."""
-    name = f"sjaak_bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server.admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield server.url_for(name)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @contextmanager
 def migrations_copy() -> Iterator[Path]:
     """A copy of the real migrations directory that the benchmark may add a file to."""
@@ -177,11 +121,6 @@ async def pg_class_rows(db: Database) -> int:
 async def database_bytes(db: Database) -> int:
     async with db.control() as conn:
         return int(await conn.fetchval("SELECT pg_database_size(current_database())"))
-
-
-async def postgres_version(db: Database) -> str:
-    async with db.control() as conn:
-        return str(await conn.fetchval("SELECT version()"))
 
 
 async def shops_at_version(db: Database, version: int) -> int:
@@ -220,12 +159,6 @@ def add_migration(migrations_dir: Path) -> MigrationSet:
 def print_migration_progress(done: int, total: int, failed: int) -> None:
     if done == total or done % max(1, total // 10) == 0:
         progress(f"migrated {done}/{total} shops ({failed} failed)")
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def summarise_provisioning(
@@ -312,51 +245,7 @@ async def bench(server: Server, shops: int, concurrency: int) -> BenchResult:
 # --- machine facts ----------------------------------------------------------------------------
 
 
-def machine_facts(postgres: str, server: str) -> Machine:
-    return Machine(
-        cpus=cpu_count(),
-        cpu_model=cpu_model(),
-        memory_gib=memory_gib(),
-        python=platform.python_version(),
-        postgres=postgres,
-        server=server,
-    )
-
-
-def cpu_count() -> int:
-    """What ``nproc`` says: the CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def memory_gib() -> float:
-    """Total RAM from ``/proc/meminfo`` (0 where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024**2
-    except OSError:
-        pass
-    return 0.0
-
-
 # --- output -----------------------------------------------------------------------------------
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def mib(size: int) -> str:
