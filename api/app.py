@@ -12,9 +12,9 @@ from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Server
 
 from api.auth.client_routes import OAuthClientController
-from api.auth.guards import authorize
-from api.auth.oauth import oauth_routes
-from api.auth.routes import ApiKeyController
+from api.auth.guards import authorize_request
+from api.auth.oauth import OAuthError, handle_oauth_error, oauth_routes
+from api.auth.routes import ApiKeyController, whoami
 from api.auth.secrets import Keyring
 from api.config import Settings
 from api.db import Database
@@ -66,10 +66,11 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             problem_page,
             ApiKeyController,
             OAuthClientController,
+            whoami,
             *oauth_routes,
         ],
-        guards=[authorize],
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        before_request=authorize_request,
+        exception_handlers={**EXCEPTION_HANDLERS, OAuthError: handle_oauth_error},  # type: ignore[dict-item]
         lifespan=[services],
         openapi_config=OpenAPIConfig(
             title="Sjaak API",

@@ -213,7 +213,8 @@ def _validation_errors(extra: Any) -> list[FieldError]:
         if not isinstance(item, dict):
             continue
         key = item.get("key")
-        source = item.get("source")
+        # Litestar gives the source as a ParamType enum for parameters, a string for the body.
+        source = getattr(item.get("source"), "value", item.get("source"))
         if source in ("query", "path", "header", "cookie") and key:
             path = f"{source}.{key}"
         else:

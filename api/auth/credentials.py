@@ -70,22 +70,23 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         token = _bearer_token(authorization)
-        await self._catch_up_revocations()
+        await self.refresh_revocations()
         if looks_like_api_key(token):
             return await self._from_api_key(token)
         return await self._from_access_token(token)
 
     async def _from_api_key(self, key: str) -> Principal:
-        try:
-            parse_key(key)
-        except KeyFormatError as exc:
-            raise AuthenticationFailed(exc.reason, str(exc)) from exc
         digests = self._keyring.candidate_digests(key)
         cache_key = digests[0]
         if cache_key in self._keys:
+            # Only a well-formed key with a valid checksum was ever looked up and cached.
             self._keys.move_to_end(cache_key)
             found = self._keys[cache_key]
         else:
+            try:
+                parse_key(key)
+            except KeyFormatError as exc:
+                raise AuthenticationFailed(exc.reason, str(exc)) from exc
             found = await api_keys.find_key(self._db, digests)
             self._remember(cache_key, found)
         if found is None:
@@ -172,18 +173,22 @@ class Authenticator:
             client_id is not None and client_id in self._revoked_clients
         )
 
-    async def _catch_up_revocations(self) -> None:
+    async def refresh_revocations(self) -> None:
+        """Apply revocations made elsewhere, at most once per poll interval."""
         if not self._feed.due():
             return
         async with self._feed_lock:
             if not self._feed.due():
                 return
+            # The first poll only marks where the feed stands; reading the standing revocations
+            # after it means one made in between is seen twice rather than missed.
+            revocations = await self._feed.poll()
             if not self._revoked_jti_loaded:
                 self._revoked_jti.update(await self._feed.revoked_access_tokens())
                 for client_id in await self._feed.recently_revoked_clients(self.tokens.ttl_seconds):
                     self.forget_client(client_id)
                 self._revoked_jti_loaded = True
-            for revocation in await self._feed.poll():
+            for revocation in revocations:
                 if revocation.kind == "api_key":
                     self.forget_key(revocation.subject)
                 elif revocation.kind == "tenant":

@@ -5,10 +5,14 @@ Each route handler declares what it needs in ``opt``:
 - ``opt={"public": True}``: no credential (health, metadata, OAuth endpoints that authenticate
   the client themselves);
 - ``opt={"scopes": ("customers:read",)}``: a credential holding every listed scope;
+- ``opt={"authenticated": True}``: any valid credential, whatever its scopes (``/v1/me``);
 - ``"publishable": True`` additionally admits publishable keys (browser ingest only).
 
-:func:`authorize` runs before every handler: it authenticates, rate-limits, checks scopes and
-the publishable key's origin, and leaves the :class:`Principal` in the request state.
+:func:`authorize_request` runs before every handler (as the app's ``before_request`` hook, which
+unlike a Litestar guard does not copy the handler on every call): it authenticates,
+rate-limits,
+checks scopes and the publishable key's origin, and leaves the :class:`Principal` in the request
+state.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ def add_response_headers(
     extra.extend((name.lower().encode(), value.encode()) for name, value in headers.items())
 
 
+async def authorize_request(request: Request[Any, Any, Any]) -> None:
+    await authorize(request, request.scope["route_handler"])
+
+
 async def authorize(
     connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
 ) -> None:
@@ -70,6 +78,9 @@ async def authorize(
     await _spend_rate_limit(connection, state.rate_limiter, state.limits, principal)
     _check_origin(connection, handler, principal)
     required = required_scopes(handler)
+    if not required and not handler.opt.get("authenticated"):
+        # Fail closed: a route that forgot to declare what it needs serves nobody.
+        raise RuntimeError(f"route {handler} declares neither scopes nor public/authenticated")
     if not principal.has_scopes(required):
         missing = " ".join(sorted(required - principal.scopes))
         raise Problem(
@@ -140,8 +151,11 @@ async def _spend_rate_limit(
     principal: Principal,
 ) -> None:
     per_credential = await limiter.hit(principal.credential_id, limits.credential)
-    per_shop = await limiter.hit(f"shop:{principal.tenant.id}", limits.shop)
-    tightest = _tightest(per_credential, per_shop)
+    # A request its own credential's bucket refuses must not spend the shop's budget too.
+    decisions = [per_credential]
+    if per_credential.allowed:
+        decisions.append(await limiter.hit(f"shop:{principal.tenant.id}", limits.shop))
+    tightest = _tightest(*decisions)
     headers = rate_limit_headers(tightest)
     if not tightest.allowed:
         raise Problem(

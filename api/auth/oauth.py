@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import uuid
 from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
@@ -105,6 +106,12 @@ async def _form(request: Request[Any, Any, Any]) -> dict[str, str]:
     if request.headers.get("content-type", "").split(";")[0].strip() != FORM:
         raise OAuthError(oauth_errors.InvalidRequestError, f"Send the body as {FORM}.")
     form = await request.form()
+    repeated = sorted({key for key, _ in form.multi_items() if len(form.getall(key)) > 1})
+    if repeated:
+        # RFC 6749 3.1/3.2: parameters must not be included more than once.
+        raise OAuthError(
+            oauth_errors.InvalidRequestError, f"Repeated parameter(s): {', '.join(repeated)}."
+        )
     return {key: str(value) for key, value in form.items()}
 
 
@@ -220,26 +227,48 @@ async def _authorization_code(
         raise OAuthError(oauth_errors.InvalidGrantError, "code_verifier is required (PKCE).")
     db: Database = state.db
     keyring: Keyring = state.keyring
+    family_id = uuid.uuid4()
+    # Whatever happens next, the code is spent: the transaction commits before any error is
+    # raised, so a failed or replayed exchange cannot be retried with the same code.
     async with db.control() as conn:
-        grant = await oauth_clients.use_authorization_code(conn, keyring, code, client.client_id)
-        if grant is None:
-            raise OAuthError(oauth_errors.InvalidGrantError, "The code is invalid or spent.")
-        if form.get("redirect_uri") != grant["redirect_uri"]:
-            raise OAuthError(oauth_errors.InvalidGrantError, "redirect_uri does not match.")
-        expected = grant["code_challenge"].encode()
-        if not constant_time_equal(create_s256_code_challenge(verifier).encode(), expected):
-            raise OAuthError(oauth_errors.InvalidGrantError, "code_verifier does not match.")
-        scopes = frozenset(grant["scopes"])
-        refresh = await oauth_clients.issue_refresh_token(
-            conn,
-            keyring,
-            client_id=client.client_id,
-            tenant_id=grant["tenant_id"],
-            scopes=scopes,
-            ttl=timedelta(days=state.settings.refresh_token_ttl_days),
+        grant = await oauth_clients.use_authorization_code(
+            conn, keyring, code, client.client_id, family_id
         )
+        failure = _code_failure(grant, client, form, verifier)
+        if grant is None:
+            # A replay: revoke what the first exchange issued (RFC 6749 4.1.2).
+            await oauth_clients.revoke_tokens_of_spent_code(conn, keyring, code, client.client_id)
+        elif failure is None:
+            scopes = frozenset(grant["scopes"])
+            refresh = await oauth_clients.issue_refresh_token(
+                conn,
+                keyring,
+                client_id=client.client_id,
+                tenant_id=grant["tenant_id"],
+                scopes=scopes,
+                family_id=family_id,
+                ttl=timedelta(days=state.settings.refresh_token_ttl_days),
+            )
+    if grant is None or failure is not None:
+        raise OAuthError(oauth_errors.InvalidGrantError, failure or "The code is invalid or spent.")
     access, ttl = await _access_token(state, client, grant["tenant_id"], scopes, client.client_id)
     return TokenResponse(access, "Bearer", ttl, scope_string(scopes), refresh)
+
+
+def _code_failure(
+    grant: Any, client: ClientRecord, form: dict[str, str], verifier: str
+) -> str | None:
+    """Why this exchange of a valid code must fail, or None."""
+    if grant is None:
+        return None
+    if not frozenset(grant["scopes"]) <= client.allowed_scopes:
+        return "The code grants scopes this client lacks."
+    if form.get("redirect_uri") != grant["redirect_uri"]:
+        return "redirect_uri does not match."
+    expected = grant["code_challenge"].encode()
+    if not constant_time_equal(create_s256_code_challenge(verifier).encode(), expected):
+        return "code_verifier does not match."
+    return None
 
 
 async def _refresh(state: State, client: ClientRecord, form: dict[str, str]) -> TokenResponse:
@@ -348,6 +377,7 @@ async def introspect(request: Request[Any, Any, Any], state: State) -> Response[
         except InvalidToken:
             return inactive
         authenticator: Authenticator = state.authenticator
+        await authenticator.refresh_revocations()
         if claims.client_id != client.client_id or authenticator.is_revoked(
             claims.jti, claims.client_id
         ):

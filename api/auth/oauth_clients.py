@@ -279,17 +279,33 @@ async def create_authorization_code(
 
 
 async def use_authorization_code(
-    conn: ControlConn, keyring: Keyring, code: str, client_id: str
+    conn: ControlConn, keyring: Keyring, code: str, client_id: str, family_id: UUID
 ) -> asyncpg.Record | None:
-    """Single use: the first exchange marks it used; unknown, expired or reused is None."""
+    """Single use: the first exchange marks it used and records the refresh-token family it
+    starts; unknown, expired or reused is None."""
     return await conn.fetchrow(
-        "UPDATE sjaak.oauth_authorization_codes SET used_at = now()"
+        "UPDATE sjaak.oauth_authorization_codes SET used_at = now(), refresh_family_id = $3"
         " WHERE code_hash = ANY($1::bytea[]) AND client_id = $2 AND used_at IS NULL"
         " AND expires_at > now()"
         " RETURNING tenant_id, redirect_uri, scopes, code_challenge",
         keyring.candidate_digests(code),
         client_id,
+        family_id,
     )
+
+
+async def revoke_tokens_of_spent_code(
+    conn: ControlConn, keyring: Keyring, code: str, client_id: str
+) -> None:
+    """A spent code presented again: revoke the refresh tokens its first exchange issued."""
+    family_id = await conn.fetchval(
+        "SELECT refresh_family_id FROM sjaak.oauth_authorization_codes"
+        " WHERE code_hash = ANY($1::bytea[]) AND client_id = $2 AND used_at IS NOT NULL",
+        keyring.candidate_digests(code),
+        client_id,
+    )
+    if family_id is not None:
+        await revoke_refresh_family(conn, family_id)
 
 
 async def _owned(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 from uuid import UUID
 
 import msgspec
@@ -64,10 +64,10 @@ def validated_new_key(body: NewApiKey) -> tuple[frozenset[str] | None, tuple[str
                     "an origin is scheme://host[:port], without a path or trailing slash",
                 )
             )
-    if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
-        errors.append(FieldError("$.expires_at", "must be in the future"))
     if body.expires_at is not None and body.expires_at.tzinfo is None:
         errors.append(FieldError("$.expires_at", "must include a time zone offset"))
+    elif body.expires_at is not None and body.expires_at <= datetime.now(UTC):
+        errors.append(FieldError("$.expires_at", "must be in the future"))
     if errors:
         raise Problem("validation", f"{len(errors)} field(s) failed validation.", errors=errors)
     return scopes, origins
@@ -92,6 +92,8 @@ class ApiKeyController(Controller):
     ) -> Response[CreatedApiKey]:
         """Create a key. The full key is in this response only; store it now."""
         scopes, origins = validated_new_key(data)
+        granted = api_keys.scopes_for(data.kind, sorted(scopes) if scopes else None)
+        ensure_may_grant(principal, granted)
         async with state.db.control() as conn:
             created = await api_keys.create_api_key(
                 conn,
@@ -99,7 +101,7 @@ class ApiKeyController(Controller):
                 principal.tenant.id,
                 kind=data.kind,
                 name=data.name,
-                scopes=api_keys.scopes_for(data.kind, sorted(scopes) if scopes else None),
+                scopes=granted,
                 allowed_origins=origins,
                 expires_at=data.expires_at,
             )
@@ -149,6 +151,8 @@ class ApiKeyController(Controller):
         """A new key with the same kind, scopes and origins; the old one keeps working for
         ``expires_in`` seconds (default 24 h), then stops."""
         grace = timedelta(seconds=(data or RotateApiKey()).expires_in)
+        current = await api_keys.get_api_key(state.db, principal.tenant.id, key_id)
+        ensure_may_grant(principal, frozenset(current.scopes))
         created = await api_keys.rotate_api_key(
             state.db, state.keyring, principal.tenant.id, key_id, old_key_valid_for=grace
         )
@@ -171,6 +175,19 @@ class ApiKeyController(Controller):
         return revoked
 
 
+def ensure_may_grant(principal: Principal, scopes: frozenset[str]) -> None:
+    """A credential cannot hand out more than it holds (a restricted key with ``keys:write``
+    must not mint a secret key)."""
+    missing = scopes - principal.scopes
+    if missing:
+        raise Problem(
+            "insufficient-scope",
+            "A key cannot be given scopes the credential creating it does not hold: "
+            + " ".join(sorted(missing))
+            + ".",
+        )
+
+
 def _forget(state: State, key_id: UUID) -> None:
     authenticator: Authenticator = state.authenticator
     authenticator.forget_key(str(key_id))
@@ -185,3 +202,33 @@ def _uuid_or_422(value: str | None, path: str) -> UUID | None:
         raise Problem(
             "validation", "Invalid cursor.", errors=[FieldError(path, "not an object id")]
         ) from exc
+
+
+class Credential(msgspec.Struct, frozen=True, kw_only=True):
+    """The calling credential, as the API sees it."""
+
+    object: Literal["credential"] = "credential"
+    tenant_id: UUID
+    kind: str
+    scopes: list[str]
+    client_id: str | None
+
+
+@get(
+    "/v1/me",
+    opt={"authenticated": True},
+    tags=["api-keys"],
+    operation_id="getCurrentCredential",
+    summary="Who am I",
+    dependencies={"principal": Provide(current_principal, sync_to_thread=False)},
+    responses=problem_responses(401, 403, 429),
+)
+async def whoami(principal: NamedDependency[Principal]) -> Credential:
+    """The shop and scopes of the credential making the request; any valid secret key, restricted
+    key or access token may call it (a quick way to check a key)."""
+    return Credential(
+        tenant_id=principal.tenant.id,
+        kind=principal.kind,
+        scopes=sorted(principal.scopes),
+        client_id=principal.client_id,
+    )

@@ -27,6 +27,9 @@ ALGORITHM = "RS256"
 TOKEN_TYPE = "at+jwt"
 #: Advisory lock serialising key creation across workers ("sjaak-jwks").
 _ROTATION_LOCK = 0x736A6A776B73
+_LEEWAY = 5
+_RELOAD_SECONDS = 300
+_VERIFIED_LIMIT = 10_000
 
 
 class InvalidToken(Exception):
@@ -69,13 +72,19 @@ class TokenService:
         self._published = KeySet([])
         self._loaded_at = 0.0
         self._load_lock = asyncio.Lock()
+        self._verified: dict[str, AccessTokenClaims] = {}
 
     async def ensure_loaded(self) -> None:
-        """Load the key set on first use (workers share keys through the database)."""
-        if self._signing is None:
+        """Load the key set on first use and every few minutes (keys live in the database)."""
+        if self._stale():
             async with self._load_lock:
-                if self._signing is None:
+                if self._stale():
                     await self.load()
+
+    def _stale(self) -> bool:
+        # Reloading now and then is how a long-running worker rotates its signing key when it is
+        # due, and picks up keys that other workers made.
+        return self._signing is None or self._clock() - self._loaded_at > _RELOAD_SECONDS
 
     async def load(self) -> None:
         """Read the key set; make a new signing key when there is none or the newest is due."""
@@ -152,7 +161,25 @@ class TokenService:
         return jwt.encode(header, payload, self._signing, algorithms=[ALGORITHM]), claims
 
     async def verify(self, token: str) -> AccessTokenClaims:
-        """Check signature, type, issuer, audience and lifetime; raise :class:`InvalidToken`."""
+        """Check signature, type, issuer, audience and lifetime; raise :class:`InvalidToken`.
+
+        A token that verified once is remembered until it expires: the same bytes verify the
+        same way, and RSA verification is the dearest step of a request. Expiry is still checked
+        on every use, and revocation is checked by the caller.
+        """
+        verified = self._verified.get(token)
+        if verified is not None:
+            if verified.expires_at + _LEEWAY <= self._clock():
+                del self._verified[token]
+                raise InvalidToken("The access token has expired.")
+            return verified
+        claims = await self._verify_signed(token)
+        self._verified[token] = claims
+        if len(self._verified) > _VERIFIED_LIMIT:
+            del self._verified[next(iter(self._verified))]
+        return claims
+
+    async def _verify_signed(self, token: str) -> AccessTokenClaims:
         await self.ensure_loaded()
         try:
             decoded = jwt.decode(token, self._published, algorithms=[ALGORITHM])
@@ -160,7 +187,7 @@ class TokenService:
             if "kid" in str(exc).lower() and self._clock() - self._loaded_at > 1:
                 # A key made by another worker since we loaded: reload once, then decide.
                 await self.load()
-                return await self.verify(token)
+                return await self._verify_signed(token)
             raise InvalidToken("The access token's signature or format is invalid.") from exc
         except ValueError as exc:
             raise InvalidToken("The access token is not a well-formed JWT.") from exc
@@ -168,7 +195,7 @@ class TokenService:
             raise InvalidToken("The token is not an access token (typ must be at+jwt).")
         registry = jwt.JWTClaimsRegistry(
             now=lambda: int(self._clock()),
-            leeway=5,
+            leeway=_LEEWAY,
             iss={"essential": True, "value": self.issuer},
             aud={"essential": True, "value": self.audience},
             exp={"essential": True},

@@ -58,7 +58,9 @@ CREATE TABLE sjaak.oauth_authorization_codes (
     code_challenge_method text NOT NULL CHECK (code_challenge_method = 'S256'),
     granted_by text NOT NULL,
     expires_at timestamptz NOT NULL,
-    used_at timestamptz
+    used_at timestamptz,
+    -- The refresh tokens the exchange started, revoked if the code is ever replayed.
+    refresh_family_id uuid
 );
 
 -- Refresh tokens rotate: each use issues a successor in the same family; reuse of a spent
