@@ -22,7 +22,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from api.app import publishable_paths
 from api.auth import api_keys
-from api.auth.guards import current_principal, is_public, required_scopes
+from api.auth.guards import is_public, principal_of, required_scopes
 from api.auth.key_format import (
     BASE62,
     KEY_PATTERN,
@@ -115,7 +115,7 @@ def when(value: str) -> datetime:
 
 @post(INGEST, opt={"scopes": ("touchpoints:write",), "publishable": True}, status_code=202)
 async def ingest(request: Request[Any, Any, Any]) -> dict[str, str]:
-    principal = current_principal(request)
+    principal = principal_of(request)
     return {"tenant": str(principal.tenant.id), "kind": principal.kind}
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
 from api.auth import oauth_clients
-from api.auth.guards import current_principal
+from api.auth.guards import principal_of
 from api.auth.oauth_clients import CreatedOAuthClient, OAuthClient
-from api.auth.principal import Principal
 from api.auth.scopes import UnknownScope, parse_scopes
 from api.errors import FieldError, Problem, problem_responses
 from api.pagination import DEFAULT_LIMIT, Limit, Page, StartingAfter
@@ -36,7 +34,6 @@ class OAuthClientController(Controller):
     path = "/v1/oauth-clients"
     tags = ["oauth-clients"]
     opt = {"scopes": ("keys:write",)}
-    dependencies = {"principal": Provide(current_principal, sync_to_thread=False)}
     responses = problem_responses(401, 403, 429)
 
     @post(
@@ -49,10 +46,11 @@ class OAuthClientController(Controller):
     async def create(
         self,
         state: State,
-        principal: NamedDependency[Principal],
+        request: Request[Any, Any, Any],
         data: JSONBody[NewOAuthClient],
     ) -> Response[CreatedOAuthClient]:
         """A client for ``client_credentials``. The secret is in this response only."""
+        principal = principal_of(request)
         try:
             scopes = parse_scopes(data.scopes)
         except UnknownScope as exc:
@@ -84,10 +82,11 @@ class OAuthClientController(Controller):
     async def list_clients(
         self,
         state: State,
-        principal: NamedDependency[Principal],
+        request: Request[Any, Any, Any],
         limit: Limit = DEFAULT_LIMIT,
         starting_after: StartingAfter = None,
     ) -> Page[OAuthClient]:
+        principal = principal_of(request)
         return await oauth_clients.list_clients(
             state.db, principal.tenant.id, limit=limit, starting_after=starting_after
         )
@@ -99,8 +98,9 @@ class OAuthClientController(Controller):
         responses=problem_responses(404),
     )
     async def get_client(
-        self, state: State, principal: NamedDependency[Principal], client_id: FromPath[str]
+        self, state: State, request: Request[Any, Any, Any], client_id: FromPath[str]
     ) -> OAuthClient:
+        principal = principal_of(request)
         return await oauth_clients.get_client(state.db, principal.tenant.id, _checked(client_id))
 
     @delete(
@@ -111,9 +111,10 @@ class OAuthClientController(Controller):
         responses=problem_responses(404),
     )
     async def delete_client(
-        self, state: State, principal: NamedDependency[Principal], client_id: FromPath[str]
+        self, state: State, request: Request[Any, Any, Any], client_id: FromPath[str]
     ) -> OAuthClient:
         """Revokes the client, its refresh tokens and its access tokens."""
+        principal = principal_of(request)
         deleted = await oauth_clients.delete_client(
             state.db, principal.tenant.id, _checked(client_id)
         )

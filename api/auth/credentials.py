@@ -44,6 +44,45 @@ class AuthenticationFailed(Problem):
         self.reason = reason
 
 
+_MISSING = object()
+
+
+class _CachedKey:
+    """A verified key as the hot path needs it: the principal built once, times as epochs."""
+
+    __slots__ = ("expires_at", "key_id", "principal", "revoked", "tenant_status")
+
+    def __init__(
+        self,
+        key_id: UUID,
+        principal: Principal,
+        expires_at: float | None,
+        revoked: bool,
+        tenant_status: str,
+    ) -> None:
+        self.key_id = key_id
+        self.principal = principal
+        self.expires_at = expires_at
+        self.revoked = revoked
+        self.tenant_status = tenant_status
+
+    @classmethod
+    def of(cls, found: api_keys.VerifiedKey) -> _CachedKey:
+        return cls(
+            key_id=found.id,
+            principal=Principal(
+                tenant=Tenant(id=found.tenant_id, schema=found.schema_name),
+                credential_id=f"key:{found.id}",
+                kind=found.kind,
+                scopes=found.scopes,
+                allowed_origins=found.allowed_origins,
+            ),
+            expires_at=found.expires_at.timestamp() if found.expires_at else None,
+            revoked=found.revoked_at is not None,
+            tenant_status=found.tenant_status,
+        )
+
+
 class Authenticator:
     def __init__(
         self,
@@ -59,7 +98,7 @@ class Authenticator:
         self._feed = feed
         self._clock = clock
         # HMAC digest -> key row (None: known not to exist), in least-recently-used order.
-        self._keys: OrderedDict[bytes, api_keys.VerifiedKey | None] = OrderedDict()
+        self._keys: OrderedDict[bytes, _CachedKey | None] = OrderedDict()
         self._tenants: OrderedDict[UUID, tuple[str, str]] = OrderedDict()
         self._revoked_jti: dict[str, float] = {}
         self._revoked_clients: dict[str, float] = {}
@@ -70,41 +109,39 @@ class Authenticator:
 
     async def authenticate(self, authorization: str | None) -> Principal:
         token = _bearer_token(authorization)
-        await self.refresh_revocations()
+        if self._feed.due():
+            await self.refresh_revocations()
         if looks_like_api_key(token):
             return await self._from_api_key(token)
         return await self._from_access_token(token)
 
     async def _from_api_key(self, key: str) -> Principal:
-        digests = self._keyring.candidate_digests(key)
-        cache_key = digests[0]
-        if cache_key in self._keys:
-            # Only a well-formed key with a valid checksum was ever looked up and cached.
-            self._keys.move_to_end(cache_key)
-            found = self._keys[cache_key]
-        else:
+        cache_key = self._keyring.digest(key)
+        cached = self._keys.get(cache_key, _MISSING)
+        if cached is _MISSING:
             try:
                 parse_key(key)
             except KeyFormatError as exc:
                 raise AuthenticationFailed(exc.reason, str(exc)) from exc
-            found = await api_keys.find_key(self._db, digests)
-            self._remember(cache_key, found)
-        if found is None:
+            found = await api_keys.find_key(self._db, self._keyring.candidate_digests(key))
+            cached = None if found is None else _CachedKey.of(found)
+            self._remember(cache_key, cached)
+        else:
+            # Only a well-formed key with a valid checksum was ever looked up and cached.
+            self._keys.move_to_end(cache_key)
+        if cached is None:
             raise AuthenticationFailed("unknown", "The API key is not recognised.")
-        now = datetime.now(UTC)
-        if found.revoked_at is not None:
+        assert isinstance(cached, _CachedKey)
+        now = self._clock()
+        if cached.revoked:
             raise AuthenticationFailed("revoked", "The API key has been revoked.")
-        if found.expires_at is not None and found.expires_at <= now:
+        if cached.expires_at is not None and cached.expires_at <= now:
             raise AuthenticationFailed("expired", "The API key has expired.")
-        _ensure_shop_serves(found.tenant_status)
-        self._note_used(found.id, now)
-        return Principal(
-            tenant=Tenant(id=found.tenant_id, schema=found.schema_name),
-            credential_id=f"key:{found.id}",
-            kind=found.kind,
-            scopes=found.scopes,
-            allowed_origins=found.allowed_origins,
-        )
+        if cached.tenant_status != "active":
+            _ensure_shop_serves(cached.tenant_status)
+        if now - self._last_used_written.get(cached.key_id, 0.0) >= _LAST_USED_EVERY:
+            self._last_used[cached.key_id] = datetime.fromtimestamp(now, UTC)
+        return cached.principal
 
     async def _from_access_token(self, token: str) -> Principal:
         if token.count(".") != 2:
@@ -144,7 +181,7 @@ class Authenticator:
         _ensure_shop_serves(status)
         return Tenant(id=tenant_id, schema=schema)
 
-    def _remember(self, digest: bytes, found: api_keys.VerifiedKey | None) -> None:
+    def _remember(self, digest: bytes, found: _CachedKey | None) -> None:
         self._keys[digest] = found
         while len(self._keys) > _CACHE_LIMIT:
             self._keys.popitem(last=False)
@@ -152,13 +189,13 @@ class Authenticator:
     def forget_key(self, key_id: str) -> None:
         """Drop a key from the cache so its next use reads the database again."""
         for digest, found in list(self._keys.items()):
-            if found is not None and str(found.id) == key_id:
+            if found is not None and str(found.key_id) == key_id:
                 del self._keys[digest]
 
     def forget_tenant(self, tenant_id: str) -> None:
         self._tenants.pop(UUID(tenant_id), None)
         for digest, found in list(self._keys.items()):
-            if found is not None and str(found.tenant_id) == tenant_id:
+            if found is not None and str(found.principal.tenant.id) == tenant_id:
                 del self._keys[digest]
 
     def forget_access_token(self, jti: str, expires_at: float) -> None:
@@ -201,10 +238,6 @@ class Authenticator:
             for revoked in (self._revoked_jti, self._revoked_clients):
                 for subject in [s for s, expires in revoked.items() if expires < now]:
                     del revoked[subject]
-
-    def _note_used(self, key_id: UUID, now: datetime) -> None:
-        if self._clock() - self._last_used_written.get(key_id, 0.0) >= _LAST_USED_EVERY:
-            self._last_used[key_id] = now
 
     async def flush_last_used(self) -> None:
         """Write pending ``last_used_at`` values; run periodically by the app, off requests."""

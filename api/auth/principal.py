@@ -22,5 +22,10 @@ class Principal(msgspec.Struct, frozen=True):
     allowed_origins: tuple[str, ...] = ()
     client_id: str | None = None
 
+    @property
+    def shop_bucket(self) -> str:
+        """The rate-limit bucket all of this shop's credentials share."""
+        return f"shop:{self.tenant.id}"
+
     def has_scopes(self, required: frozenset[str]) -> bool:
         return required <= self.scopes

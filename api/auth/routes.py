@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import msgspec
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 
 from api.auth import api_keys
 from api.auth.api_keys import ApiKey, CreatedApiKey
 from api.auth.credentials import Authenticator
-from api.auth.guards import current_principal
+from api.auth.guards import principal_of
 from api.auth.key_format import KeyKind
 from api.auth.principal import Principal
 from api.auth.scopes import UnknownScope, parse_scopes
@@ -77,7 +76,6 @@ class ApiKeyController(Controller):
     path = "/v1/api-keys"
     tags = ["api-keys"]
     opt = {"scopes": ("keys:write",)}
-    dependencies = {"principal": Provide(current_principal, sync_to_thread=False)}
     responses = problem_responses(401, 403, 429)
 
     @post(
@@ -88,9 +86,10 @@ class ApiKeyController(Controller):
         responses=problem_responses(422),
     )
     async def create(
-        self, state: State, principal: NamedDependency[Principal], data: JSONBody[NewApiKey]
+        self, state: State, request: Request[Any, Any, Any], data: JSONBody[NewApiKey]
     ) -> Response[CreatedApiKey]:
         """Create a key. The full key is in this response only; store it now."""
+        principal = principal_of(request)
         scopes, origins = validated_new_key(data)
         granted = api_keys.scopes_for(data.kind, sorted(scopes) if scopes else None)
         ensure_may_grant(principal, granted)
@@ -111,11 +110,12 @@ class ApiKeyController(Controller):
     async def list_keys(
         self,
         state: State,
-        principal: NamedDependency[Principal],
+        request: Request[Any, Any, Any],
         limit: Limit = DEFAULT_LIMIT,
         starting_after: StartingAfter = None,
     ) -> Page[ApiKey]:
         """The shop's keys, newest first, masked."""
+        principal = principal_of(request)
         return await api_keys.list_api_keys(
             state.db,
             principal.tenant.id,
@@ -130,8 +130,9 @@ class ApiKeyController(Controller):
         responses=problem_responses(404),
     )
     async def get_key(
-        self, state: State, principal: NamedDependency[Principal], key_id: FromPath[UUID]
+        self, state: State, request: Request[Any, Any, Any], key_id: FromPath[UUID]
     ) -> ApiKey:
+        principal = principal_of(request)
         return await api_keys.get_api_key(state.db, principal.tenant.id, key_id)
 
     @post(
@@ -144,12 +145,13 @@ class ApiKeyController(Controller):
     async def rotate(
         self,
         state: State,
-        principal: NamedDependency[Principal],
+        request: Request[Any, Any, Any],
         key_id: FromPath[UUID],
         data: JSONBody[RotateApiKey | None] = None,
     ) -> Response[CreatedApiKey]:
         """A new key with the same kind, scopes and origins; the old one keeps working for
         ``expires_in`` seconds (default 24 h), then stops."""
+        principal = principal_of(request)
         grace = timedelta(seconds=(data or RotateApiKey()).expires_in)
         current = await api_keys.get_api_key(state.db, principal.tenant.id, key_id)
         ensure_may_grant(principal, frozenset(current.scopes))
@@ -167,9 +169,10 @@ class ApiKeyController(Controller):
         responses=problem_responses(404),
     )
     async def revoke(
-        self, state: State, principal: NamedDependency[Principal], key_id: FromPath[UUID]
+        self, state: State, request: Request[Any, Any, Any], key_id: FromPath[UUID]
     ) -> ApiKey:
         """Revoked at once in this process; everywhere within the revocation poll interval."""
+        principal = principal_of(request)
         revoked = await api_keys.revoke_api_key(state.db, principal.tenant.id, key_id)
         _forget(state, key_id)
         return revoked
@@ -220,12 +223,12 @@ class Credential(msgspec.Struct, frozen=True, kw_only=True):
     tags=["api-keys"],
     operation_id="getCurrentCredential",
     summary="Who am I",
-    dependencies={"principal": Provide(current_principal, sync_to_thread=False)},
     responses=problem_responses(401, 403, 429),
 )
-async def whoami(principal: NamedDependency[Principal]) -> Credential:
+async def whoami(request: Request[Any, Any, Any]) -> Credential:
     """The shop and scopes of the credential making the request; any valid secret key, restricted
     key or access token may call it (a quick way to check a key)."""
+    principal = principal_of(request)
     return Credential(
         tenant_id=principal.tenant.id,
         kind=principal.kind,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 import secrets
@@ -49,11 +48,11 @@ class Keyring:
 
     def digest(self, value: str) -> bytes:
         """The digest stored for a new credential (current secret)."""
-        return hmac.new(self._macs[0], value.encode(), hashlib.sha256).digest()
+        return hmac.digest(self._macs[0], value.encode(), "sha256")
 
     def candidate_digests(self, value: str) -> list[bytes]:
         """Digests under every accepted secret, for look-ups during a rotation."""
-        return [hmac.new(mac, value.encode(), hashlib.sha256).digest() for mac in self._macs]
+        return [hmac.digest(mac, value.encode(), "sha256") for mac in self._macs]
 
     def encrypt(self, plaintext: bytes) -> bytes:
         nonce = secrets.token_bytes(12)
