@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -239,7 +240,20 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    print("worker: no background jobs are registered yet", file=sys.stderr)
+    from api.worker import chores, run_worker
+
+    keyring = Keyring.from_settings(settings)
+
+    async def work(db: Database) -> None:
+        await migrate(db)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run_worker(chores(settings, db, keyring), stop)
+
+    with database_url(settings) as url:
+        run_with_db(settings, url, work)
     return 0
 
 

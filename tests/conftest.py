@@ -117,7 +117,7 @@ def add_tenant_migration(migration_dir: Path, file_name: str, sql: str) -> Migra
     return MigrationSet.from_directory(migration_dir)
 
 
-def test_settings(**overrides: object) -> Settings:
+def settings_for_tests(**overrides: object) -> Settings:
     """Settings for an app under test: a fixed secret, revocations seen on the next request."""
     values: dict[str, object] = {
         "environment": "test",
@@ -133,7 +133,7 @@ TEST_SECRET = "test-secret-0123456789-0123456789-abcdef"
 
 
 def make_app(db: Database, **overrides: object) -> Litestar:
-    return create_app(test_settings(**overrides), database=db)
+    return create_app(settings_for_tests(**overrides), database=db)
 
 
 @pytest.fixture(scope="session")
