@@ -14,6 +14,7 @@ from litestar.openapi.spec import Server
 from api.auth.client_routes import OAuthClientController
 from api.auth.guards import authorize_request
 from api.auth.oauth import OAuthError, handle_oauth_error, oauth_routes
+from api.auth.openapi import document_security
 from api.auth.routes import ApiKeyController, whoami
 from api.auth.secrets import Keyring
 from api.config import Settings
@@ -88,6 +89,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
         # A caller-owned pool (tests, tools): services are ready without the lifespan.
         install_services(app.state, settings, database, keyring)
     app.state.publishable_paths = publishable_paths(app)
+    document_security(app)
     app.state.migrations = migrations
     app.asgi_handler = RequestContextMiddleware(app.asgi_handler)
     return app

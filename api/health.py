@@ -22,7 +22,13 @@ class Readiness(msgspec.Struct):
     shops: int
 
 
-@get("/health", summary="Liveness", tags=["operations"], opt={"public": True})
+@get(
+    "/health",
+    summary="Liveness",
+    tags=["operations"],
+    opt={"public": True},
+    operation_id="getHealth",
+)
 async def health() -> Health:
     """The process is alive and serving; says nothing about the database."""
     return Health(status="ok")
@@ -30,6 +36,7 @@ async def health() -> Health:
 
 @get(
     "/ready",
+    operation_id="getReadiness",
     summary="Readiness",
     tags=["operations"],
     opt={"public": True},

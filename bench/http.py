@@ -162,6 +162,13 @@ def scenarios(fixture: Fixture, token: str) -> list[Scenario]:
             "whoami, secret key", "GET", "/v1/me", {"Authorization": f"Bearer {fixture.secret_key}"}
         ),
         Scenario("whoami, JWT", "GET", "/v1/me", {"Authorization": f"Bearer {token}"}),
+        # A real read with one control-schema query, to put the cost of auth in proportion.
+        Scenario(
+            "list API keys, secret key",
+            "GET",
+            "/v1/api-keys?limit=10",
+            {"Authorization": f"Bearer {fixture.secret_key}"},
+        ),
     ]
 
 

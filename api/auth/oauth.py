@@ -167,7 +167,6 @@ def _requested_scopes(form: dict[str, str], allowed: frozenset[str]) -> frozense
     operation_id="createToken",
     summary="Get an access token",
     status_code=200,
-    security=[{"oauth_client_basic": []}],
 )
 async def token(request: Request[Any, Any, Any], state: State) -> Response[TokenResponse]:
     """Grants: ``client_credentials``, ``authorization_code`` (PKCE S256 required) and
