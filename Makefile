@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test install lint format typecheck pytest bench bench-tenancy openapi lock clean
+.PHONY: run test install lint format typecheck pytest bench bench-tenancy bench-http openapi lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -37,7 +37,10 @@ pytest: install
 bench-tenancy: install ## provision 1,000 shops, add a migration, migrate them all
 	$(PY) -m bench.tenancy
 
-bench: bench-tenancy
+bench-http: install ## throughput and latency of the real server, with and without auth
+	$(PY) -m bench.http
+
+bench: bench-tenancy bench-http
 
 openapi: install ## regenerate the committed spec
 	$(PY) -m api openapi > openapi/openapi.json
