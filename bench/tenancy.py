@@ -43,11 +43,11 @@ from bench.common import (
 )
 
 RESULTS_FILE = Path(__file__).parent / "results" / "tenancy.json"
-ADDED_MIGRATION_FILE = "0002_bench_added_column.sql"
+ADDED_MIGRATION_NAME = "bench_added_column"
 ADDED_MIGRATION_SQL = """\
 -- What a typical later migration does to every shop: a new column, and an index to look up by.
 ALTER TABLE customers ADD COLUMN locale text;
-CREATE INDEX customers_by_email ON customers (email);
+CREATE INDEX customers_by_locale ON customers (locale);
 """
 #: Provisions compared at the start and the end of the run, to see whether it slows down.
 EDGE_WINDOW = 100
@@ -151,8 +151,15 @@ async def provision_shops(db: Database, shops: int, migrations: MigrationSet) ->
     return durations
 
 
+def added_migration_file(migrations_dir: Path) -> str:
+    latest = MigrationSet.from_directory(migrations_dir).latest_tenant
+    return f"{latest + 1:04d}_{ADDED_MIGRATION_NAME}.sql"
+
+
 def add_migration(migrations_dir: Path) -> MigrationSet:
-    (migrations_dir / "tenant" / ADDED_MIGRATION_FILE).write_text(ADDED_MIGRATION_SQL)
+    (migrations_dir / "tenant" / added_migration_file(migrations_dir)).write_text(
+        ADDED_MIGRATION_SQL
+    )
     return MigrationSet.from_directory(migrations_dir)
 
 
@@ -185,7 +192,8 @@ def summarise_provisioning(
 async def measure_migration(
     db: Database, migrations: MigrationSet, concurrency: int, shops: int, pg_class_before: int
 ) -> MigrationRun:
-    progress(f"migrating {shops} shops with {ADDED_MIGRATION_FILE} (concurrency {concurrency})")
+    added = migrations.tenant[-1].file_name
+    progress(f"migrating {shops} shops with {added} (concurrency {concurrency})")
     started = time.perf_counter()
     report = await migrate(
         db, migrations, concurrency=concurrency, on_progress=print_migration_progress
@@ -193,7 +201,7 @@ async def measure_migration(
     seconds = time.perf_counter() - started
     after = await pg_class_rows(db)
     return MigrationRun(
-        migration_file=ADDED_MIGRATION_FILE,
+        migration_file=migrations.tenant[-1].file_name,
         migration_sql=ADDED_MIGRATION_SQL,
         concurrency=concurrency,
         seconds=seconds,

@@ -112,9 +112,15 @@ def migration_dir(tmp_path: Path) -> Path:
     return target
 
 
-def add_tenant_migration(migration_dir: Path, file_name: str, sql: str) -> MigrationSet:
-    (migration_dir / "tenant" / file_name).write_text(sql)
+def add_tenant_migration(migration_dir: Path, name: str, sql: str) -> MigrationSet:
+    """Add ``<next number>_<name>.sql`` to the copied tenant migrations."""
+    (migration_dir / "tenant" / next_tenant_file(migration_dir, name)).write_text(sql)
     return MigrationSet.from_directory(migration_dir)
+
+
+def next_tenant_file(migration_dir: Path, name: str) -> str:
+    latest = MigrationSet.from_directory(migration_dir).latest_tenant
+    return f"{latest + 1:04d}_{name}.sql"
 
 
 def settings_for_tests(**overrides: object) -> Settings:

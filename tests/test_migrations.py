@@ -75,7 +75,7 @@ async def test_provisioning_refuses_files_migrate_has_not_recorded(
     fresh_db: Database, migration_dir: Path
 ) -> None:
     await migrate(fresh_db, MigrationSet.from_directory(migration_dir))
-    newer = add_tenant_migration(migration_dir, "0002_notes.sql", NOTES_TABLE)
+    newer = add_tenant_migration(migration_dir, "notes", NOTES_TABLE)
     with pytest.raises(MigrationError, match="run `python -m api migrate` first"):
         await create_tenant(fresh_db, "Too early", migrations=newer)
     async with fresh_db.connection() as conn:
@@ -85,9 +85,9 @@ async def test_provisioning_refuses_files_migrate_has_not_recorded(
 async def test_code_older_than_the_database_is_refused(
     fresh_db: Database, migration_dir: Path
 ) -> None:
-    newer = add_tenant_migration(migration_dir, "0002_notes.sql", NOTES_TABLE)
+    newer = add_tenant_migration(migration_dir, "notes", NOTES_TABLE)
     await migrate(fresh_db, newer)
-    (migration_dir / "tenant" / "0002_notes.sql").unlink()
+    (migration_dir / "tenant" / newer.tenant[-1].file_name).unlink()
     with pytest.raises(MigrationError, match="deploy the newer code"):
         await migrate(fresh_db, MigrationSet.from_directory(migration_dir))
 
@@ -106,7 +106,7 @@ async def test_a_second_run_waits_for_the_first(fresh_db: Database, migration_di
     await migrate(fresh_db, MigrationSet.from_directory(migration_dir))
     shops = [await create_tenant(fresh_db, f"Shop {i}") for i in range(3)]
     # Not idempotent on purpose: applying it twice to a shop would fail.
-    newer = add_tenant_migration(migration_dir, "0002_notes.sql", NOTES_TABLE)
+    newer = add_tenant_migration(migration_dir, "notes", NOTES_TABLE)
 
     async with fresh_db.connection() as holder:
         await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
@@ -120,7 +120,7 @@ async def test_a_second_run_waits_for_the_first(fresh_db: Database, migration_di
     assert all(r.ok for r in reports)
     assert sorted(r.shops_migrated for r in reports) == [0, 3], "each shop migrated exactly once"
     for shop in shops:
-        assert (await get_tenant(fresh_db, shop.id)).schema_version == 2
+        assert (await get_tenant(fresh_db, shop.id)).schema_version == newer.latest_tenant
         assert await table_exists(fresh_db, shop.schema_name, "notes")
 
 
@@ -147,7 +147,7 @@ async def test_a_failing_shop_is_left_unchanged_and_the_next_run_finishes_it(
     # Two statements: the first succeeds everywhere, the second fails in the broken shop.
     newer = add_tenant_migration(
         migration_dir,
-        "0002_require_email.sql",
+        "require_email",
         NOTES_TABLE + "ALTER TABLE customers ALTER COLUMN email SET NOT NULL;\n",
     )
 
@@ -156,7 +156,7 @@ async def test_a_failing_shop_is_left_unchanged_and_the_next_run_finishes_it(
     assert list(report.shops_failed) == [broken.schema_name]
     assert "email" in report.shops_failed[broken.schema_name]
     assert report.shops_migrated == 1
-    assert (await get_tenant(fresh_db, broken.id)).schema_version == 1
+    assert (await get_tenant(fresh_db, broken.id)).schema_version == newer.latest_tenant - 1
     assert not await table_exists(fresh_db, broken.schema_name, "notes"), "no half migration"
     assert await table_exists(fresh_db, healthy.schema_name, "notes")
     status = await migration_status(fresh_db, newer)
@@ -167,7 +167,7 @@ async def test_a_failing_shop_is_left_unchanged_and_the_next_run_finishes_it(
     resumed = await migrate(fresh_db, newer)
 
     assert resumed.ok and resumed.shops_total == 1 and resumed.shops_migrated == 1
-    assert (await get_tenant(fresh_db, broken.id)).schema_version == 2
+    assert (await get_tenant(fresh_db, broken.id)).schema_version == newer.latest_tenant
     assert (await migration_status(fresh_db, newer)).up_to_date
 
 
@@ -175,7 +175,7 @@ async def test_progress_is_reported_per_shop(fresh_db: Database, migration_dir: 
     await migrate(fresh_db, MigrationSet.from_directory(migration_dir))
     for i in range(4):
         await create_tenant(fresh_db, f"Shop {i}")
-    newer = add_tenant_migration(migration_dir, "0002_notes.sql", NOTES_TABLE)
+    newer = add_tenant_migration(migration_dir, "notes", NOTES_TABLE)
     seen: list[tuple[int, int, int]] = []
     await migrate(fresh_db, newer, on_progress=lambda *p: seen.append(p))
     assert sorted(seen) == [(1, 4, 0), (2, 4, 0), (3, 4, 0), (4, 4, 0)]
