@@ -25,6 +25,7 @@ from api.health import health, ready
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
 from api.services import install_services, run_background, stop_services
+from api.touchpoints.routes import touchpoint_routes
 
 API_VERSION = "1.0.0"
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             ApiKeyController,
             OAuthClientController,
             whoami,
+            *touchpoint_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,

@@ -1,0 +1,1 @@
+"""Touchpoints: ingest (single and batch), validation, identity resolution."""

@@ -1,0 +1,174 @@
+"""``POST /v1/touchpoints`` and ``POST /v1/touchpoints/batch``: the hot path of the product."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from litestar import MediaType, Request, Response, post
+from litestar.datastructures import State
+
+from api.auth.guards import principal_of
+from api.db import TenantConn
+from api.errors import FieldError, Problem, problem_responses
+from api.idempotency import idempotency_key, replay_headers, run_idempotent
+from api.touchpoints import ingest
+from api.touchpoints.schemas import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_ITEMS,
+    MAX_ITEM_BYTES,
+    BatchResult,
+    ItemResult,
+    SingleResult,
+)
+
+INGEST = {"scopes": ("touchpoints:write",), "publishable": True}
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    touchpoints: list[msgspec.Raw]
+
+
+_batch_decoder = msgspec.json.Decoder(BatchIn)
+_encode = msgspec.json.Encoder().encode
+
+
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """The raw body, refused with 413 (naming the limit) before or after reading it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+    body = await request.body()
+    if len(body) > limit:
+        raise _too_large(len(body), limit)
+    return body
+
+
+def _too_large(size: int, limit: int) -> Problem:
+    return Problem(
+        "payload-too-large",
+        f"The body is {size:,} bytes; the limit is {limit:,} bytes ({limit // 1024} KB).",
+    )
+
+
+@post(
+    "/v1/touchpoints",
+    opt=INGEST,
+    tags=["touchpoints"],
+    operation_id="recordTouchpoint",
+    summary="Record a touchpoint",
+    status_code=201,
+    request_max_body_size=MAX_ITEM_BYTES * 2,
+    responses=problem_responses(400, 401, 403, 413, 422, 429),
+)
+async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    """Record one touchpoint. Re-sending the same ``id`` stores nothing and answers 200 with
+    ``status: duplicate``; a new one answers 201 with ``status: accepted``."""
+    body = await read_body(request, MAX_ITEM_BYTES)
+    item = ingest.decode_item(0, body)
+    if isinstance(item, ItemResult):
+        raise _item_problem(item)
+    received_at = datetime.now(UTC)
+
+    async def work(conn: TenantConn) -> tuple[int, bytes]:
+        [result] = await ingest.record(conn, [item], received_at)
+        if result.status == "rejected":
+            raise _item_problem(result)
+        occurred_at = ingest.corrected_time(item, received_at)
+        assert isinstance(occurred_at, datetime)
+        single = SingleResult(
+            object="touchpoint",
+            id=item.id,
+            status="accepted" if result.status == "accepted" else "duplicate",
+            received_at=received_at,
+            occurred_at=occurred_at,
+        )
+        return (201 if result.status == "accepted" else 200), _encode(single)
+
+    return await _respond(request, state, "POST /v1/touchpoints", body, work)
+
+
+async def _respond(
+    request: Request[Any, Any, Any],
+    state: State,
+    route: str,
+    body: bytes,
+    work: Callable[[TenantConn], Awaitable[tuple[int, bytes]]],
+) -> Response[bytes]:
+    """Run the write once per ``Idempotency-Key`` and answer with its (possibly replayed) JSON."""
+    stored = await run_idempotent(
+        state.db,
+        principal_of(request).tenant,
+        key=idempotency_key(request),
+        route=route,
+        request_body=body,
+        work=work,
+    )
+    return Response(
+        stored.body,
+        status_code=stored.status,
+        media_type=MediaType.JSON,
+        headers=replay_headers(stored),
+    )
+
+
+def _item_problem(result: ItemResult) -> Problem:
+    errors = [FieldError(e.path, e.message) for e in result.errors or []]
+    return Problem("validation", f"{len(errors)} field(s) failed validation.", errors=errors)
+
+
+@post(
+    "/v1/touchpoints/batch",
+    opt=INGEST,
+    tags=["touchpoints"],
+    operation_id="recordTouchpointBatch",
+    summary="Record up to 1,000 touchpoints",
+    status_code=200,
+    request_max_body_size=MAX_BATCH_BYTES * 2,
+    responses=problem_responses(400, 401, 403, 413, 422, 429),
+)
+async def record_batch(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
+    """Record up to 1,000 touchpoints (1 MB; each at most 32 KB). Never all-or-nothing and never
+    silent: ``results`` has one entry per item, in order, ``accepted``, ``duplicate`` (its ``id``
+    was stored before, in this batch or earlier) or ``rejected`` with each failing field's path."""
+    body = await read_body(request, MAX_BATCH_BYTES)
+    try:
+        batch = _batch_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        message, _, path = str(exc).partition(" - at `")
+        raise Problem(
+            "validation",
+            "The batch envelope is invalid.",
+            errors=[FieldError(path.rstrip("`") or "$", message)],
+        ) from exc
+    except msgspec.DecodeError as exc:
+        raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc
+    if len(batch.touchpoints) > MAX_BATCH_ITEMS:
+        raise Problem(
+            "payload-too-large",
+            f"The batch has {len(batch.touchpoints):,} touchpoints; the limit is "
+            f"{MAX_BATCH_ITEMS:,} per request.",
+        )
+    items = [ingest.decode_item(i, raw) for i, raw in enumerate(batch.touchpoints)]
+    received_at = datetime.now(UTC)
+
+    async def work(conn: TenantConn) -> tuple[int, bytes]:
+        results = await ingest.record(conn, items, received_at)
+        counts = Counter(result.status for result in results)
+        return 200, _encode(
+            BatchResult(
+                object="touchpoint_batch",
+                accepted=counts["accepted"],
+                duplicate=counts["duplicate"],
+                rejected=counts["rejected"],
+                results=results,
+            )
+        )
+
+    return await _respond(request, state, "POST /v1/touchpoints/batch", body, work)
+
+
+touchpoint_routes = [record_touchpoint, record_batch]
