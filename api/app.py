@@ -87,6 +87,10 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
         logging_config=None,  # ours: JSON lines, configured above
     )
     app.state.settings = settings
+    if settings.bench_echo:
+        from api.touchpoints.echo import echo
+
+        app.register(echo)
     if database is not None:
         # A caller-owned pool (tests, tools): services are ready without the lifespan.
         install_services(app.state, settings, database, keyring)

@@ -49,6 +49,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit_burst: int = 100
     shop_rate_limit_per_second: float = 200.0
     shop_rate_limit_burst: int = 400
+    #: Serve ``POST /_bench/echo`` (benchmarks only: the framework's ceiling). Never in production.
+    bench_echo: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -67,6 +69,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("SJAAK_SECRET_KEY must be at least 32 characters")
         if self.environment == "production" and not self.secret_key:
             raise ValueError("SJAAK_SECRET_KEY is required in production")
+        if self.environment == "production" and self.bench_echo:
+            raise ValueError("SJAAK_BENCH_ECHO is for benchmarks, not production")
         if self.environment == "production" and not self.database_url:
             raise ValueError("SJAAK_DATABASE_URL is required in production (no embedded server)")
 

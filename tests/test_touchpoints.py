@@ -419,3 +419,15 @@ async def test_an_idempotency_key_replays_the_first_answer(
     found = await profile(db, shop.tenant.as_tenant(), "customer_id", "c7")
     assert found is not None
     assert found["touchpoint_count"] == 2
+
+
+async def test_the_benchmark_echo_exists_only_when_asked_for(db: Database) -> None:
+    from tests.conftest import http_client, make_app
+
+    batch = {"touchpoints": [touchpoint("e1"), touchpoint("e2", type="nope")]}
+    async with http_client(make_app(db, bench_echo=True)) as echoing:
+        response = await echoing.post("/_bench/echo", json=batch)
+    assert response.status_code == 200
+    assert [t["id"] for t in response.json()["touchpoints"]] == ["e1"]
+    async with http_client(make_app(db)) as normal:
+        assert (await normal.post("/_bench/echo", json=batch)).status_code == 404
