@@ -144,6 +144,11 @@ def cmd_tenants(settings: Settings, args: argparse.Namespace) -> int:
                 )
             case "resume":
                 return tenant_json(await lifecycle.resume_tenant(db, UUID(args.id)))
+            case "export":
+                from api.tenants.export import export_shop
+
+                record = await lifecycle.get_tenant(db, UUID(args.id))
+                return await export_shop(db, record, Path(args.directory))
             case "delete":
                 return tenant_json(
                     await lifecycle.delete_tenant(db, UUID(args.id), confirm=args.confirm)
@@ -153,10 +158,15 @@ def cmd_tenants(settings: Settings, args: argparse.Namespace) -> int:
     with database_url(settings) as url:
         try:
             result = run_with_db(settings, url, act)
-        except (lifecycle.TenantNotFound, lifecycle.ConfirmationRequired, ValueError) as exc:
+        except (
+            lifecycle.TenantNotFound,
+            lifecycle.ConfirmationRequired,
+            ValueError,
+            FileExistsError,
+        ) as exc:
             print(f"tenants {args.action}: {exc}", file=sys.stderr)
             return 2
-    if getattr(args, "json", False) or args.action == "list":
+    if getattr(args, "json", False) or args.action in ("list", "export"):
         print(json.dumps(result, indent=None if args.action != "list" else 2))
     else:
         print(f"{result['name']}: id {result['id']}, schema {result['schema']}, {result['status']}")
@@ -287,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = tsub.add_parser("resume", help="serve a suspended shop again")
     resume.add_argument("id")
     resume.add_argument("--json", action="store_true")
+    export = tsub.add_parser("export", help="write a shop's data as JSON Lines into DIR/<schema>")
+    export.add_argument("id")
+    export.add_argument("directory")
     delete = tsub.add_parser("delete", help="drop a shop's schema and data")
     delete.add_argument("id")
     delete.add_argument("--confirm", action="store_true", help="required: deletion is final")

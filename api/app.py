@@ -18,6 +18,8 @@ from api.auth.openapi import document_security
 from api.auth.routes import ApiKeyController, whoami
 from api.auth.secrets import Keyring
 from api.config import Settings
+from api.customers.identity_routes import identity_routes
+from api.customers.routes import CustomerController
 from api.db import Database
 from api.db.migrate import MigrationSet
 from api.errors import EXCEPTION_HANDLERS, problem_page
@@ -70,6 +72,8 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             OAuthClientController,
             whoami,
             *touchpoint_routes,
+            CustomerController,
+            *identity_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,

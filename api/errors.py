@@ -275,7 +275,15 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     )
 
 
+def handle_too_deep(request: Request[Any, Any, Any], exc: RecursionError) -> Response[bytes]:
+    """JSON nested thousands of levels deep exhausts the decoder's stack: a client error."""
+    return problem_response(
+        request, Problem("malformed-body", "The JSON body is nested too deeply.")
+    )
+
+
 EXCEPTION_HANDLERS = {
+    RecursionError: handle_too_deep,
     Problem: handle_problem,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,

@@ -42,7 +42,7 @@ async def cli_database(new_database: DatabaseFactory) -> dict[str, str]:
     return cli_env(SJAAK_DATABASE_URL=await new_database(), SJAAK_SECRET_KEY=TEST_SECRET)
 
 
-def test_tenant_commands_round_trip(cli_database: dict[str, str]) -> None:
+def test_tenant_commands_round_trip(cli_database: dict[str, str], tmp_path: Path) -> None:
     created = run_cli("tenants", "create", "Corner shop", "--json", env=cli_database)
     assert created.returncode == 0, created.stderr
     shop = json.loads(created.stdout)
@@ -61,6 +61,14 @@ def test_tenant_commands_round_trip(cli_database: dict[str, str]) -> None:
     assert json.loads(suspended.stdout)["status"] == "suspended"
     resumed = run_cli("tenants", "resume", shop["id"], "--json", env=cli_database)
     assert json.loads(resumed.stdout)["status"] == "active"
+
+    exported = run_cli("tenants", "export", shop["id"], str(tmp_path), env=cli_database)
+    assert exported.returncode == 0, exported.stderr
+    manifest = json.loads(exported.stdout)
+    assert manifest["tenant"]["schema"] == shop["schema"]
+    assert (tmp_path / shop["schema"] / "touchpoints.jsonl").exists()
+    again = run_cli("tenants", "export", shop["id"], str(tmp_path), env=cli_database)
+    assert again.returncode == 2, "an export never overwrites an earlier one"
 
     refused = run_cli("tenants", "delete", shop["id"], env=cli_database)
     assert refused.returncode == 2

@@ -208,3 +208,14 @@ async def test_openapi_spec_is_served(client: httpx.AsyncClient) -> None:
     response = await client.get("/schema/openapi.json")
     assert response.status_code == 200
     assert response.json()["info"]["title"] == "Sjaak API"
+
+
+async def test_absurdly_nested_json_is_a_400_not_a_crash(
+    probe_client: httpx.AsyncClient,
+) -> None:
+    body = b'{"name": "x", "order": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+    response = await probe_client.post(
+        "/test/validate", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code in (400, 422), response.text
+    assert response.headers["content-type"] == PROBLEM

@@ -431,3 +431,29 @@ async def test_the_benchmark_echo_exists_only_when_asked_for(db: Database) -> No
     assert [t["id"] for t in response.json()["touchpoints"]] == ["e1"]
     async with http_client(make_app(db)) as normal:
         assert (await normal.post("/_bench/echo", json=batch)).status_code == 404
+
+
+async def test_deeply_nested_properties_are_rejected_per_item(
+    client: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    shop = await provision()
+    nested: dict[str, Any] = {}
+    level = nested
+    for _ in range(8):
+        level["deeper"] = {}
+        level = level["deeper"]
+    body = await send(
+        client,
+        shop.secret_key,
+        touchpoint("deep", properties=nested),
+        touchpoint("flat", properties={"a": [1, {"b": 2}]}),
+    )
+    assert [r["status"] for r in body["results"]] == ["rejected", "accepted"]
+    assert "nested deeper" in body["results"][0]["errors"][0]["message"]
+    abyss = b'{"touchpoints": [{"id": "x", "properties": ' + b"[" * 20000 + b"]" * 20000 + b"}]}"
+    response = await client.post(
+        "/v1/touchpoints/batch",
+        content=abyss,
+        headers={**bearer(shop.secret_key), "Content-Type": "application/json"},
+    )
+    assert response.status_code in (200, 400, 422), response.text
