@@ -26,6 +26,7 @@ from api.errors import EXCEPTION_HANDLERS, problem_page
 from api.health import health, ready
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
+from api.openapi_bodies import document_request_bodies
 from api.services import install_services, run_background, stop_services
 from api.touchpoints.routes import touchpoint_routes
 
@@ -100,6 +101,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
         install_services(app.state, settings, database, keyring)
     app.state.publishable_paths = publishable_paths(app)
     document_security(app)
+    document_request_bodies(app)
     app.state.migrations = migrations
     app.asgi_handler = RequestContextMiddleware(app.asgi_handler)
     return app

@@ -53,3 +53,16 @@ def test_the_security_schemes_list_every_scope(app: Litestar) -> None:
     assert flows["clientCredentials"]["tokenUrl"] == "/oauth/token"
     assert flows["clientCredentials"]["scopes"] == SCOPES
     assert schemes["apiKey"]["scheme"] == "bearer"
+
+
+def test_ingest_documents_its_request_bodies(app: Litestar) -> None:
+    spec = app.openapi_schema.to_schema()
+    single = spec["paths"]["/v1/touchpoints"]["post"]["requestBody"]
+    batch = spec["paths"]["/v1/touchpoints/batch"]["post"]["requestBody"]
+    assert single["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TouchpointIn"
+    }
+    assert batch["required"] is True
+    touchpoint = spec["components"]["schemas"]["TouchpointIn"]
+    assert set(touchpoint["required"]) == {"id", "type", "channel", "occurred_at"}
+    assert touchpoint["additionalProperties"] is False

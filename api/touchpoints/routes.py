@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import MediaType, Request, Response, post
@@ -23,6 +23,7 @@ from api.touchpoints.schemas import (
     BatchResult,
     ItemResult,
     SingleResult,
+    TouchpointIn,
 )
 
 INGEST = {"scopes": ("touchpoints:write",), "publishable": True}
@@ -30,6 +31,12 @@ INGEST = {"scopes": ("touchpoints:write",), "publishable": True}
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
     touchpoints: list[msgspec.Raw]
+
+
+class BatchBody(msgspec.Struct):
+    """The documented shape of a batch (each item is validated on its own)."""
+
+    touchpoints: Annotated[list[TouchpointIn], msgspec.Meta(max_length=MAX_BATCH_ITEMS)]
 
 
 _batch_decoder = msgspec.json.Decoder(BatchIn)
@@ -56,7 +63,7 @@ def _too_large(size: int, limit: int) -> Problem:
 
 @post(
     "/v1/touchpoints",
-    opt=INGEST,
+    opt={**INGEST, "request_body": TouchpointIn},
     tags=["touchpoints"],
     operation_id="recordTouchpoint",
     summary="Record a touchpoint",
@@ -122,7 +129,7 @@ def _item_problem(result: ItemResult) -> Problem:
 
 @post(
     "/v1/touchpoints/batch",
-    opt=INGEST,
+    opt={**INGEST, "request_body": BatchBody},
     tags=["touchpoints"],
     operation_id="recordTouchpointBatch",
     summary="Record up to 1,000 touchpoints",
