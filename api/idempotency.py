@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-from litestar import Request
+from litestar import MediaType, Request, Response
 
 from api.auth.guards import raw_header
 from api.db.pool import Database
@@ -180,3 +180,23 @@ def _lock_id(tenant: Tenant, key: str) -> int:
 def replay_headers(stored: StoredResponse) -> dict[str, str]:
     """``Idempotency-Replayed: true`` for a replayed response, nothing otherwise."""
     return {REPLAYED_HEADER: "true"} if stored.replayed else {}
+
+
+async def idempotent_json(
+    request: Request[Any, Any, Any],
+    db: Database,
+    tenant: Tenant,
+    route: str,
+    body: bytes,
+    work: Work,
+) -> Response[bytes]:
+    """Run ``work`` once per ``Idempotency-Key`` and answer with its (possibly replayed) JSON."""
+    stored = await run_idempotent(
+        db, tenant, key=idempotency_key(request), route=route, request_body=body, work=work
+    )
+    return Response(
+        stored.body,
+        status_code=stored.status,
+        media_type=MediaType.JSON,
+        headers=replay_headers(stored),
+    )

@@ -13,7 +13,7 @@ from api.auth.guards import Limits
 from api.auth.rate_limit import RateLimit, build_rate_limiter
 from api.auth.revocations import RevocationFeed
 from api.auth.secrets import Keyring
-from api.auth.tokens import TokenService
+from api.auth.tokens import token_service
 from api.config import Settings
 from api.db import Database
 
@@ -23,14 +23,7 @@ LAST_USED_FLUSH_SECONDS = 30.0
 
 def install_services(state: State, settings: Settings, db: Database, keyring: Keyring) -> None:
     """Put the database and everything built on it into the app state."""
-    tokens = TokenService(
-        db,
-        keyring,
-        issuer=settings.token_issuer,
-        audience=settings.token_issuer,
-        ttl_seconds=settings.access_token_ttl_seconds,
-        rotation_days=settings.signing_key_rotation_days,
-    )
+    tokens = token_service(settings, db, keyring)
     state.db = db
     state.keyring = keyring
     state.tokens = tokens

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from api.auth.secrets import Keyring
-from api.auth.tokens import TokenService
+from api.auth.tokens import token_service
 from api.config import Settings
 from api.db import Database
 
@@ -48,14 +48,7 @@ async def prune_expired_credentials(db: Database) -> int:
 
 
 def chores(settings: Settings, db: Database, keyring: Keyring) -> list[Chore]:
-    tokens = TokenService(
-        db,
-        keyring,
-        issuer=settings.token_issuer,
-        audience=settings.token_issuer,
-        ttl_seconds=settings.access_token_ttl_seconds,
-        rotation_days=settings.signing_key_rotation_days,
-    )
+    tokens = token_service(settings, db, keyring)
 
     async def rotate_signing_keys() -> int:
         # Loading makes a new signing key when the newest one is due, so keys rotate on time

@@ -21,6 +21,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 
 from api.auth.secrets import Keyring
+from api.config import Settings
 from api.db import ControlConn, Database
 
 ALGORITHM = "RS256"
@@ -220,3 +221,15 @@ class TokenService:
             )
         except (KeyError, ValueError) as exc:
             raise InvalidToken("The access token's claims are malformed.") from exc
+
+
+def token_service(settings: Settings, db: Database, keyring: Keyring) -> TokenService:
+    """The token service as the settings configure it (API workers and the worker alike)."""
+    return TokenService(
+        db,
+        keyring,
+        issuer=settings.token_issuer,
+        audience=settings.token_issuer,
+        ttl_seconds=settings.access_token_ttl_seconds,
+        rotation_days=settings.signing_key_rotation_days,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import MediaType, Request, Response, delete, get, post
+from litestar import Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath, JSONBody
 
@@ -16,7 +16,7 @@ from api.customers.schemas import TraitsUpdate
 from api.customers.traits import update_traits, validated_writes
 from api.db import TenantConn, in_tenant
 from api.errors import problem_responses
-from api.idempotency import idempotency_key, replay_headers, run_idempotent
+from api.idempotency import idempotent_json
 from api.touchpoints.schemas import Text
 
 WRITE = {"scopes": ("customers:write",)}
@@ -48,25 +48,6 @@ _identify_decoder = msgspec.json.Decoder(IdentifyIn)
 _merge_decoder = msgspec.json.Decoder(MergeIn)
 
 
-async def _idempotent_json(
-    request: Request[Any, Any, Any], state: State, route: str, body: bytes, work: Any
-) -> Response[bytes]:
-    stored = await run_idempotent(
-        state.db,
-        principal_of(request).tenant,
-        key=idempotency_key(request),
-        route=route,
-        request_body=body,
-        work=work,
-    )
-    return Response(
-        stored.body,
-        status_code=stored.status,
-        media_type=MediaType.JSON,
-        headers=replay_headers(stored),
-    )
-
-
 @post(
     "/v1/customers/identify",
     opt=WRITE,
@@ -95,7 +76,9 @@ async def identify_customer(
             customer = await customer_by_ref(conn, ref, customer_id)
         return 200, _encode(customer)
 
-    return await _idempotent_json(request, state, "POST /v1/customers/identify", body, work)
+    return await idempotent_json(
+        request, state.db, principal_of(request).tenant, "POST /v1/customers/identify", body, work
+    )
 
 
 @post(
@@ -123,9 +106,8 @@ async def merge_customers(
         ref = await linking.merge(conn, customer_id, absorbed_id)
         return 200, _encode(await customer_by_ref(conn, ref, customer_id))
 
-    return await _idempotent_json(
-        request, state, f"POST /v1/customers/{customer_id}/merge", body, work
-    )
+    route = f"POST /v1/customers/{customer_id}/merge"
+    return await idempotent_json(request, state.db, principal_of(request).tenant, route, body, work)
 
 
 @delete(

@@ -13,11 +13,12 @@ from litestar.params import FromPath, JSONBody, Parameter
 from api.auth.guards import principal_of
 from api.customers import profiles, timeline, traits
 from api.customers.profiles import CustomerFilter
-from api.customers.schemas import Channel, Customer, Stage, TimelineTouchpoint, TraitsUpdate
+from api.customers.schemas import Customer, Stage, TimelineTouchpoint, TraitsUpdate
 from api.customers.timeline import TimelineFilter
 from api.db import TenantConn, in_tenant
 from api.errors import FieldError, Problem, problem_responses
 from api.pagination import DEFAULT_LIMIT, Limit, Page
+from api.touchpoints.schemas import Channel
 
 READ = {"scopes": ("customers:read",)}
 WRITE = {"scopes": ("customers:write",)}

@@ -18,21 +18,6 @@ Stage = Literal[
     "at_risk",
     "lapsed",
 ]
-#: The channels a touchpoint can arrive on (``DOMAIN.md``).
-Channel = Literal[
-    "web",
-    "mobile_app",
-    "email",
-    "sms",
-    "social",
-    "ads",
-    "store",
-    "phone",
-    "chat",
-    "marketplace",
-    "referral",
-    "other",
-]
 
 
 class CustomerIds(msgspec.Struct, frozen=True, kw_only=True):

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
-from litestar import MediaType, Request, Response, post
+from litestar import Request, Response, post
 from litestar.datastructures import State
 
 from api.auth.guards import principal_of
 from api.db import TenantConn
 from api.errors import FieldError, Problem, problem_responses
-from api.idempotency import idempotency_key, replay_headers, run_idempotent
+from api.idempotency import idempotent_json
 from api.touchpoints import ingest
 from api.touchpoints.schemas import (
     MAX_BATCH_BYTES,
@@ -95,30 +94,8 @@ async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Re
         )
         return (201 if result.status == "accepted" else 200), _encode(single)
 
-    return await _respond(request, state, "POST /v1/touchpoints", body, work)
-
-
-async def _respond(
-    request: Request[Any, Any, Any],
-    state: State,
-    route: str,
-    body: bytes,
-    work: Callable[[TenantConn], Awaitable[tuple[int, bytes]]],
-) -> Response[bytes]:
-    """Run the write once per ``Idempotency-Key`` and answer with its (possibly replayed) JSON."""
-    stored = await run_idempotent(
-        state.db,
-        principal_of(request).tenant,
-        key=idempotency_key(request),
-        route=route,
-        request_body=body,
-        work=work,
-    )
-    return Response(
-        stored.body,
-        status_code=stored.status,
-        media_type=MediaType.JSON,
-        headers=replay_headers(stored),
+    return await idempotent_json(
+        request, state.db, principal_of(request).tenant, "POST /v1/touchpoints", body, work
     )
 
 
@@ -175,7 +152,9 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
             )
         )
 
-    return await _respond(request, state, "POST /v1/touchpoints/batch", body, work)
+    return await idempotent_json(
+        request, state.db, principal_of(request).tenant, "POST /v1/touchpoints/batch", body, work
+    )
 
 
 touchpoint_routes = [record_touchpoint, record_batch]
