@@ -457,3 +457,49 @@ async def test_deeply_nested_properties_are_rejected_per_item(
         headers={**bearer(shop.secret_key), "Content-Type": "application/json"},
     )
     assert response.status_code in (200, 400, 422), response.text
+
+
+async def test_an_event_racing_a_merge_follows_the_survivor(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    from api.touchpoints import identity
+
+    shop = await provision()
+    tenant = shop.tenant.as_tenant()
+    await send(
+        client,
+        shop.secret_key,
+        touchpoint("r1", anonymous_id="racer"),
+        touchpoint("r2", customer_id="winner", anonymous_id=None),
+    )
+    anonymous = await profile(db, tenant, "anonymous_id", "racer")
+    survivor = await profile(db, tenant, "customer_id", "winner")
+    assert anonymous is not None
+    assert survivor is not None
+
+    async with tenant_tx(db, tenant) as merging:
+        await identity.absorb(merging, anonymous["id"], survivor["id"])
+        # While the merge is uncommitted, an event for the anonymous id arrives.
+        late = asyncio.create_task(
+            send(client, shop.secret_key, touchpoint("r3", anonymous_id="racer"))
+        )
+        async with db.connection() as observer:
+            await wait_for_lock_waiters_on_rows(observer)
+        assert not late.done()
+    await late
+
+    found = await profile(db, tenant, "customer_id", "winner")
+    assert found is not None
+    assert found["touchpoint_count"] == 3
+    async with tenant_tx(db, tenant) as conn:
+        refs = await conn.fetch("SELECT DISTINCT customer_ref FROM touchpoints")
+    assert [r["customer_ref"] for r in refs] == [survivor["id"]]
+
+
+async def wait_for_lock_waiters_on_rows(conn: Any) -> None:
+    """Poll (bounded) until some session waits on a lock: the racing ingest is blocked."""
+    for _ in range(500):
+        if await conn.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the racing ingest never waited for the merge")

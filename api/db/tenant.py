@@ -67,7 +67,8 @@ async def tenant_tx(db: Database, tenant: Tenant) -> AsyncIterator[TenantConn]:
 
 
 async def in_tenant(db: Database, tenant: Tenant, work: Callable[[TenantConn], Awaitable[T]]) -> T:
-    """Run ``work`` in a tenant transaction, retrying once on a stale cached statement.
+    """Run ``work`` in a tenant transaction, retrying once on a stale cached statement or a
+    deadlock (PostgreSQL aborted this transaction to let a concurrent one through).
 
     Every shop is migrated in lock-step, but while a migration is rolling out two shops' tables
     can briefly differ in shape; asyncpg then raises ``InvalidCachedStatementError`` for a
@@ -77,7 +78,7 @@ async def in_tenant(db: Database, tenant: Tenant, work: Callable[[TenantConn], A
     try:
         async with tenant_tx(db, tenant) as conn:
             return await work(conn)
-    except asyncpg.InvalidCachedStatementError:
-        log.info("retrying tenant transaction after a stale cached statement")
+    except (asyncpg.InvalidCachedStatementError, asyncpg.DeadlockDetectedError) as exc:
+        log.info("retrying tenant transaction", extra={"reason": type(exc).__name__})
         async with tenant_tx(db, tenant) as conn:
             return await work(conn)

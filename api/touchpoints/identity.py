@@ -107,6 +107,13 @@ async def absorb(conn: TenantConn, absorbed: int, survivor: int) -> None:
     lost or counted twice. The survivor's traits win; the absorbed ones fill gaps."""
     if absorbed == survivor:
         return
+    # Both rows locked first, in id order: an ingest that read the absorbed profile before this
+    # commits either finishes first (and its rows move with the rest) or sees ``merged_into``
+    # when it updates the profile, and follows it (see ingest._update_profiles).
+    await conn.execute(
+        "SELECT id FROM customers WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+        [absorbed, survivor],
+    )
     await conn.execute(
         "UPDATE identities SET customer_ref = $2 WHERE customer_ref = $1", absorbed, survivor
     )

@@ -166,28 +166,33 @@ async def _assign_profiles(conn: TenantConn, candidates: list[Candidate]) -> Non
     """Set ``ref`` on every candidate, creating and joining profiles as the ids require."""
     all_ids = {key for c in candidates for key in ids_of(c.item)}
     resolved = await identity.resolve(conn, all_ids)
-    if _needs_changes(candidates, resolved):
-        # Someone new or newly linked: serialise with concurrent batches about the same people,
-        # then read again under the lock.
-        await identity.lock_ids(conn, all_ids)
+    changing = _ids_needing_changes(candidates, resolved)
+    if changing:
+        # Someone new or newly linked: serialise with concurrent writers of those ids only (the
+        # profiles already read stay locked FOR SHARE), then read again under the lock.
+        await identity.lock_ids(conn, changing)
         resolved = await identity.resolve(conn, all_ids)
         await _create_and_link(conn, candidates, resolved)
     for candidate in candidates:
         candidate.ref = _ref_for(candidate.item, resolved)
 
 
-def _needs_changes(candidates: list[Candidate], resolved: identity.ProfileIds) -> bool:
+def _ids_needing_changes(
+    candidates: list[Candidate], resolved: identity.ProfileIds
+) -> set[identity.IdKey]:
+    """The ids of items that create a profile or tie an anonymous profile to a customer."""
+    changing: set[identity.IdKey] = set()
     for candidate in candidates:
         item = candidate.item
         customer = resolved.refs.get(("customer_id", item.customer_id or ""))
         anonymous = resolved.refs.get(("anonymous_id", item.anonymous_id or ""))
-        if item.customer_id is not None and customer is None:
-            return True
-        if item.anonymous_id is not None and anonymous is None:
-            return True
-        if customer is not None and anonymous not in (None, customer, *resolved.known):
-            return True
-    return False
+        if (
+            (item.customer_id is not None and customer is None)
+            or (item.anonymous_id is not None and anonymous is None)
+            or (customer is not None and anonymous not in (None, customer, *resolved.known))
+        ):
+            changing.update(ids_of(item))
+    return changing
 
 
 def _ref_for(item: TouchpointIn, resolved: identity.ProfileIds) -> int:
@@ -208,7 +213,9 @@ async def _create_and_link(
 
     async def next_ref() -> int:
         if not pending_refs:
-            pending_refs.extend(await identity.new_profile_refs(conn, len(candidates) * 2))
+            # At most one new profile per unknown id: take them all in one round trip.
+            unknown = {key for c in candidates for key in ids_of(c.item)} - refs.keys()
+            pending_refs.extend(await identity.new_profile_refs(conn, max(1, len(unknown))))
         return pending_refs.pop()
 
     for candidate in candidates:
@@ -360,9 +367,10 @@ async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> None:
             delta.email, delta.email_at = c.item.email, c.occurred_at
     if not deltas:
         return
-    refs = list(deltas)
+    # Sorted, so two batches about the same people lock their rows in the same order.
+    refs = sorted(deltas)
     values = [deltas[ref] for ref in refs]
-    await conn.execute(
+    merged = await conn.fetch(
         """
         UPDATE customers c SET
             first_seen_at = least(c.first_seen_at, u.first_seen),
@@ -388,6 +396,7 @@ async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> None:
             AS u(id, first_seen, last_seen, n, types, channels, orders, revenue, last_purchase,
                 email, email_at)
         WHERE c.id = u.id
+        RETURNING c.id, c.merged_into
         """,
         refs,
         [d.first_seen for d in values],
@@ -401,6 +410,33 @@ async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> None:
         [d.email for d in values],
         [d.email_at for d in values],
     )
+    survivors = {r["id"]: r["merged_into"] for r in merged if r["merged_into"] is not None}
+    if survivors:
+        await _follow_merges(conn, stored, survivors)
+
+
+async def _follow_merges(
+    conn: TenantConn, stored: list[Candidate], survivors: dict[int, int]
+) -> None:
+    """A profile this batch read was absorbed by a merge that committed meanwhile: move this
+    batch's touchpoints and counts to the survivor. (The absorb moved everything committed
+    before it; these rows were not yet.)"""
+    moved = [c for c in stored if c.ref in survivors]
+    for candidate in moved:
+        candidate.ref = survivors[candidate.ref]
+    await conn.execute(
+        "UPDATE touchpoints SET customer_ref = u.ref"
+        " FROM unnest($1::text[], $2::bigint[]) AS u(event_id, ref)"
+        " WHERE touchpoints.event_id = u.event_id",
+        [c.item.id for c in moved],
+        [c.ref for c in moved],
+    )
+    await conn.execute(
+        "UPDATE customers SET touchpoint_count = 0, counts_by_type = '{}',"
+        " counts_by_channel = '{}', order_count = 0, revenue = '{}' WHERE id = ANY($1::bigint[])",
+        list(survivors),
+    )
+    await _update_profiles(conn, moved)
 
 
 def _rejected(index: int, path: str, message: str) -> ItemResult:
