@@ -121,6 +121,7 @@ async def run_idempotent(
     route: str,
     request_body: bytes,
     work: Work,
+    generic_plans: bool = False,
 ) -> StoredResponse:
     """Run ``work`` in one transaction of ``tenant``, at most once per ``key`` within 24 hours.
 
@@ -139,7 +140,7 @@ async def run_idempotent(
         return await _run_once(conn, tenant, key, route, request_body, work)
 
     # in_tenant replays the whole transaction once on a stale cached statement (migrations).
-    return await in_tenant(db, tenant, in_one_transaction)
+    return await in_tenant(db, tenant, in_one_transaction, generic_plans=generic_plans)
 
 
 async def _run_once(
@@ -189,10 +190,18 @@ async def idempotent_json(
     route: str,
     body: bytes,
     work: Work,
+    *,
+    generic_plans: bool = False,
 ) -> Response[bytes]:
     """Run ``work`` once per ``Idempotency-Key`` and answer with its (possibly replayed) JSON."""
     stored = await run_idempotent(
-        db, tenant, key=idempotency_key(request), route=route, request_body=body, work=work
+        db,
+        tenant,
+        key=idempotency_key(request),
+        route=route,
+        request_body=body,
+        work=work,
+        generic_plans=generic_plans,
     )
     return Response(
         stored.body,

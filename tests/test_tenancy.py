@@ -151,3 +151,13 @@ def test_the_check_finds_a_pool_acquired_elsewhere(tmp_path: Path) -> None:
     (tmp_path / "customers").mkdir()
     (tmp_path / "customers" / "routes.py").write_text("x = 1\nasync with db.pool.acquire() as c:\n")
     assert unscoped_connection_uses(tmp_path) == ["customers/routes.py:2"]
+
+
+async def test_generic_plans_last_one_transaction(db: Database, make_shop: ShopFactory) -> None:
+    shop = (await make_shop()).as_tenant()
+
+    async def mode(conn: TenantConn) -> str:
+        return str(await conn.fetchval("SHOW plan_cache_mode"))
+
+    assert await in_tenant(db, shop, mode, generic_plans=True) == "force_generic_plan"
+    assert await in_tenant(db, shop, mode) == "auto"

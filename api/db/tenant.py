@@ -33,20 +33,28 @@ class Tenant(msgspec.Struct, frozen=True):
     schema: str
 
 
-def begin_in_schema_sql(schema: str, statement_timeout_ms: int) -> str:
-    """One round trip: open the transaction and scope it to ``schema``."""
-    return (
+def begin_in_schema_sql(schema: str, statement_timeout_ms: int, generic_plans: bool = False) -> str:
+    """One round trip: open the transaction and scope it to ``schema``.
+
+    ``generic_plans`` suits transactions of bulk statements over arrays (ingest): PostgreSQL
+    would otherwise re-plan them on every execution for no better plan, which costs as much as
+    running them.
+    """
+    sql = (
         f"BEGIN; SET LOCAL search_path = {checked_shop_schema(schema)}; "
         f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}"
     )
+    if generic_plans:
+        sql += "; SET LOCAL plan_cache_mode = force_generic_plan"
+    return sql
 
 
 @asynccontextmanager
 async def scoped_transaction(
-    conn: PooledConnection, schema: str, statement_timeout_ms: int
+    conn: PooledConnection, schema: str, statement_timeout_ms: int, generic_plans: bool = False
 ) -> AsyncIterator[TenantConn]:
     """Run a transaction on ``conn`` with the search path set to ``schema`` for it alone."""
-    await conn.execute(begin_in_schema_sql(schema, statement_timeout_ms))
+    await conn.execute(begin_in_schema_sql(schema, statement_timeout_ms, generic_plans))
     try:
         yield TenantConn(conn)
     except BaseException:
@@ -57,16 +65,26 @@ async def scoped_transaction(
 
 
 @asynccontextmanager
-async def tenant_tx(db: Database, tenant: Tenant) -> AsyncIterator[TenantConn]:
+async def tenant_tx(
+    db: Database, tenant: Tenant, *, generic_plans: bool = False
+) -> AsyncIterator[TenantConn]:
     """A transaction inside ``tenant``'s schema on a pooled connection."""
     async with (
         db.connection() as conn,
-        scoped_transaction(conn, tenant.schema, db.statement_timeout_ms) as tenant_conn,
+        scoped_transaction(
+            conn, tenant.schema, db.statement_timeout_ms, generic_plans
+        ) as tenant_conn,
     ):
         yield tenant_conn
 
 
-async def in_tenant(db: Database, tenant: Tenant, work: Callable[[TenantConn], Awaitable[T]]) -> T:
+async def in_tenant(
+    db: Database,
+    tenant: Tenant,
+    work: Callable[[TenantConn], Awaitable[T]],
+    *,
+    generic_plans: bool = False,
+) -> T:
     """Run ``work`` in a tenant transaction, retrying once on a stale cached statement or a
     deadlock (PostgreSQL aborted this transaction to let a concurrent one through).
 
@@ -76,9 +94,9 @@ async def in_tenant(db: Database, tenant: Tenant, work: Callable[[TenantConn], A
     so ``work`` must not have side effects outside the database.
     """
     try:
-        async with tenant_tx(db, tenant) as conn:
+        async with tenant_tx(db, tenant, generic_plans=generic_plans) as conn:
             return await work(conn)
     except (asyncpg.InvalidCachedStatementError, asyncpg.DeadlockDetectedError) as exc:
         log.info("retrying tenant transaction", extra={"reason": type(exc).__name__})
-        async with tenant_tx(db, tenant) as conn:
+        async with tenant_tx(db, tenant, generic_plans=generic_plans) as conn:
             return await work(conn)

@@ -95,7 +95,13 @@ async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Re
         return (201 if result.status == "accepted" else 200), _encode(single)
 
     return await idempotent_json(
-        request, state.db, principal_of(request).tenant, "POST /v1/touchpoints", body, work
+        request,
+        state.db,
+        principal_of(request).tenant,
+        "POST /v1/touchpoints",
+        body,
+        work,
+        generic_plans=True,
     )
 
 
@@ -153,7 +159,13 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
         )
 
     return await idempotent_json(
-        request, state.db, principal_of(request).tenant, "POST /v1/touchpoints/batch", body, work
+        request,
+        state.db,
+        principal_of(request).tenant,
+        "POST /v1/touchpoints/batch",
+        body,
+        work,
+        generic_plans=True,
     )
 
 
