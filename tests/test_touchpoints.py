@@ -503,3 +503,42 @@ async def wait_for_lock_waiters_on_rows(conn: Any) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the racing ingest never waited for the merge")
+
+
+async def test_a_visitor_who_signs_up_within_one_batch_is_one_profile(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await provision()
+    tenant = shop.tenant.as_tenant()
+    await send(
+        client, shop.secret_key, touchpoint("old", customer_id="existing", anonymous_id=None)
+    )
+    await send(
+        client,
+        shop.secret_key,
+        touchpoint("s1", anonymous_id="fresh-dev"),
+        touchpoint("s2", anonymous_id="fresh-dev", type="add_to_cart"),
+        touchpoint(
+            "s3", anonymous_id="fresh-dev", customer_id="fresh-customer", type="account_created"
+        ),
+        touchpoint("s4", anonymous_id="other-dev"),
+        touchpoint("s5", anonymous_id="other-dev", customer_id="existing"),
+        touchpoint("s6", customer_id="brand-new", anonymous_id="third-dev"),
+        touchpoint("s7", anonymous_id="third-dev"),
+    )
+    fresh = await profile(db, tenant, "customer_id", "fresh-customer")
+    existing = await profile(db, tenant, "customer_id", "existing")
+    brand_new = await profile(db, tenant, "customer_id", "brand-new")
+    assert fresh is not None
+    assert existing is not None
+    assert brand_new is not None
+    assert fresh["touchpoint_count"] == 3
+    assert existing["touchpoint_count"] == 3, "the new device's history joined the known customer"
+    assert brand_new["touchpoint_count"] == 2
+    for device, owner in (("fresh-dev", fresh), ("other-dev", existing), ("third-dev", brand_new)):
+        found = await profile(db, tenant, "anonymous_id", device)
+        assert found is not None
+        assert found["id"] == owner["id"]
+    async with tenant_tx(db, tenant) as conn:
+        live = await conn.fetchval("SELECT count(*) FROM customers WHERE merged_into IS NULL")
+    assert live == 3

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from api.db import TenantConn
 
@@ -36,27 +36,40 @@ async def lock_ids(conn: TenantConn, ids: Iterable[IdKey]) -> None:
 
 @dataclass
 class ProfileIds:
-    """Resolved ids of one batch: id -> profile, and which profiles are known customers."""
+    """Resolved ids of one batch: id -> profile, which profiles are known customers, and which
+    of the asked-about suppression hashes are suppressed (erased people)."""
 
     refs: dict[IdKey, int]
     known: set[int]
+    suppressed: set[bytes] = field(default_factory=set)
 
 
-async def resolve(conn: TenantConn, ids: Iterable[IdKey]) -> ProfileIds:
+async def resolve(
+    conn: TenantConn, ids: Iterable[IdKey], suppression_hashes: Iterable[bytes] = ()
+) -> ProfileIds:
+    """Look the ids up, and in the same round trip whether any of the hashes is suppressed."""
     pairs = sorted(set(ids))
-    if not pairs:
+    hashes = list(set(suppression_hashes))
+    if not pairs and not hashes:
         return ProfileIds({}, set())
     rows = await conn.fetch(
-        "SELECT i.kind, i.value, i.customer_ref, c.customer_id IS NOT NULL AS known"
+        "SELECT i.kind, i.value, i.customer_ref, c.customer_id IS NOT NULL AS known,"
+        " NULL::bytea AS suppressed"
         " FROM unnest($1::text[], $2::text[]) AS u(kind, value)"
         " JOIN identities i ON i.kind = u.kind AND i.value = u.value"
-        " JOIN customers c ON c.id = i.customer_ref",
+        " JOIN customers c ON c.id = i.customer_ref"
+        " UNION ALL"
+        " SELECT NULL, NULL, NULL, NULL, value_hash FROM suppressed_ids"
+        " WHERE value_hash = ANY($3::bytea[])",
         [kind for kind, _ in pairs],
         [value for _, value in pairs],
+        hashes,
     )
+    found = [r for r in rows if r["suppressed"] is None]
     return ProfileIds(
-        refs={(r["kind"], r["value"]): r["customer_ref"] for r in rows},
-        known={r["customer_ref"] for r in rows if r["known"]},
+        refs={(r["kind"], r["value"]): r["customer_ref"] for r in found},
+        known={r["customer_ref"] for r in found if r["known"]},
+        suppressed={r["suppressed"] for r in rows if r["suppressed"] is not None},
     )
 
 

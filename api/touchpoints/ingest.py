@@ -113,36 +113,29 @@ async def record(
 ) -> list[ItemResult]:
     """Store a batch; returns one result per item, in order."""
     validated = validate(items, received_at)
-    candidates = await _drop_suppressed(conn, validated)
-    if candidates:
-        await _assign_profiles(conn, candidates)
-        inserted = await _insert(conn, candidates, received_at)
-        stored = [c for c in candidates if c.item.id in inserted]
-        await _update_profiles(conn, stored)
-        for candidate in candidates:
-            validated.results[candidate.index] = ItemResult(
-                index=candidate.index,
-                status="accepted" if candidate.item.id in inserted else "duplicate",
-                id=candidate.item.id,
-            )
+    if validated.candidates:
+        all_ids = {key for c in validated.candidates for key in ids_of(c.item)}
+        resolved = await identity.resolve(
+            conn, all_ids, (suppression_hash(kind, value) for kind, value in all_ids)
+        )
+        candidates = _drop_suppressed(validated, resolved.suppressed)
+        if candidates:
+            await _assign_profiles(conn, candidates, resolved, all_ids)
+            inserted = await _insert(conn, candidates, received_at)
+            await _update_profiles(conn, [c for c in candidates if c.item.id in inserted])
+            for candidate in candidates:
+                validated.results[candidate.index] = ItemResult(
+                    index=candidate.index,
+                    status="accepted" if candidate.item.id in inserted else "duplicate",
+                    id=candidate.item.id,
+                )
     return [validated.results[index] for index in range(len(items))]
 
 
-async def _drop_suppressed(conn: TenantConn, validated: Validated) -> list[Candidate]:
+def _drop_suppressed(validated: Validated, suppressed: set[bytes]) -> list[Candidate]:
     """Events about an erased person are refused, so erasure cannot be undone by a resend."""
-    if not validated.candidates:
-        return []
-    hashes = {
-        suppression_hash(kind, value)
-        for candidate in validated.candidates
-        for kind, value in ids_of(candidate.item)
-    }
-    rows = await conn.fetch(
-        "SELECT value_hash FROM suppressed_ids WHERE value_hash = ANY($1::bytea[])", list(hashes)
-    )
-    if not rows:
+    if not suppressed:
         return validated.candidates
-    suppressed = {r["value_hash"] for r in rows}
     kept = []
     for candidate in validated.candidates:
         named = [
@@ -162,14 +155,17 @@ async def _drop_suppressed(conn: TenantConn, validated: Validated) -> list[Candi
     return kept
 
 
-async def _assign_profiles(conn: TenantConn, candidates: list[Candidate]) -> None:
+async def _assign_profiles(
+    conn: TenantConn,
+    candidates: list[Candidate],
+    resolved: identity.ProfileIds,
+    all_ids: set[identity.IdKey],
+) -> None:
     """Set ``ref`` on every candidate, creating and joining profiles as the ids require."""
-    all_ids = {key for c in candidates for key in ids_of(c.item)}
-    resolved = await identity.resolve(conn, all_ids)
     changing = _ids_needing_changes(candidates, resolved)
     if changing:
-        # Someone new or newly linked: serialise with concurrent writers of those ids only (the
-        # profiles already read stay locked FOR SHARE), then read again under the lock.
+        # Someone new or newly linked: serialise with concurrent writers of those ids only, then
+        # read again under the lock (a merge racing the rest is caught in _update_profiles).
         await identity.lock_ids(conn, changing)
         resolved = await identity.resolve(conn, all_ids)
         await _create_and_link(conn, candidates, resolved)
@@ -205,18 +201,23 @@ def _ref_for(item: TouchpointIn, resolved: identity.ProfileIds) -> int:
 async def _create_and_link(
     conn: TenantConn, candidates: list[Candidate], resolved: identity.ProfileIds
 ) -> None:
-    """Walk the batch in order, so a later item sees the people an earlier one introduced."""
+    """Walk the batch in order, so a later item sees the people an earlier one introduced.
+
+    Profiles new in this batch are only written at the end, so a visitor who signs up within
+    the batch costs no extra round trip; only a profile that already existed is updated or
+    absorbed in place.
+    """
     refs, known = resolved.refs, resolved.known
-    new_profiles: list[tuple[int, str | None]] = []
+    new_profiles: dict[int, str | None] = {}  # ref -> customer_id, written at the end
     new_ids: list[tuple[str, str, int]] = []
-    pending_refs: list[int] = []
+    spare_refs: list[int] = []
 
     async def next_ref() -> int:
-        if not pending_refs:
+        if not spare_refs:
             # At most one new profile per unknown id: take them all in one round trip.
             unknown = {key for c in candidates for key in ids_of(c.item)} - refs.keys()
-            pending_refs.extend(await identity.new_profile_refs(conn, max(1, len(unknown))))
-        return pending_refs.pop()
+            spare_refs.extend(await identity.new_profile_refs(conn, max(1, len(unknown))))
+        return spare_refs.pop()
 
     for candidate in candidates:
         item = candidate.item
@@ -227,12 +228,15 @@ async def _create_and_link(
         if item.customer_id is not None and customer is None:
             if anonymous is not None and anonymous not in known:
                 # The anonymous visitor turns out to be this customer.
-                await _flush(conn, new_profiles, new_ids)
-                await identity.make_known(conn, anonymous, item.customer_id)
+                if anonymous in new_profiles:
+                    new_profiles[anonymous] = item.customer_id
+                    new_ids.append(("customer_id", item.customer_id, anonymous))
+                else:
+                    await identity.make_known(conn, anonymous, item.customer_id)
                 customer = anonymous
             else:
                 customer = await next_ref()
-                new_profiles.append((customer, item.customer_id))
+                new_profiles[customer] = item.customer_id
                 new_ids.append(("customer_id", item.customer_id, customer))
             refs[customer_key] = customer
             known.add(customer)
@@ -240,25 +244,36 @@ async def _create_and_link(
             if anonymous is None:
                 anonymous = customer if customer is not None else await next_ref()
                 if customer is None:
-                    new_profiles.append((anonymous, None))
+                    new_profiles[anonymous] = None
                 new_ids.append(("anonymous_id", item.anonymous_id, anonymous))
                 refs[anonymous_key] = anonymous
             elif customer is not None and anonymous != customer and anonymous not in known:
-                await _flush(conn, new_profiles, new_ids)
-                await identity.absorb(conn, anonymous, customer)
+                await _absorb(conn, anonymous, customer, new_profiles, new_ids)
                 for key, ref in refs.items():
                     if ref == anonymous:
                         refs[key] = customer
-    await _flush(conn, new_profiles, new_ids)
+    await identity.create_profiles(conn, list(new_profiles.items()))
+    await identity.add_identities(conn, new_ids)
 
 
-async def _flush(
-    conn: TenantConn, profiles: list[tuple[int, str | None]], ids: list[tuple[str, str, int]]
+async def _absorb(
+    conn: TenantConn,
+    anonymous: int,
+    customer: int,
+    new_profiles: dict[int, str | None],
+    new_ids: list[tuple[str, str, int]],
 ) -> None:
-    await identity.create_profiles(conn, profiles)
-    await identity.add_identities(conn, ids)
-    profiles.clear()
-    ids.clear()
+    """Join an anonymous profile to a customer; in memory when both are new in this batch."""
+    if anonymous in new_profiles and customer in new_profiles:
+        del new_profiles[anonymous]
+        new_ids[:] = [(k, v, customer if r == anonymous else r) for k, v, r in new_ids]
+        return
+    # One of them is in the database already: write what is pending, then absorb there.
+    await identity.create_profiles(conn, list(new_profiles.items()))
+    await identity.add_identities(conn, new_ids)
+    new_profiles.clear()
+    new_ids.clear()
+    await identity.absorb(conn, anonymous, customer)
 
 
 async def _insert(conn: TenantConn, candidates: list[Candidate], received_at: datetime) -> set[str]:

@@ -57,11 +57,11 @@ CREATE TABLE touchpoints (
 CREATE INDEX touchpoints_timeline ON touchpoints (customer_ref, occurred_at DESC, id DESC);
 
 -- Ids of erased people: events naming them are refused, so erasure is not undone by a resend.
+-- The hash covers kind and value (sha256 of "kind:value"), so it alone is the key ingest looks up.
 CREATE TABLE suppressed_ids (
+    value_hash bytea PRIMARY KEY,
     kind text NOT NULL,
-    value_hash bytea NOT NULL,
-    suppressed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (kind, value_hash)
+    suppressed_at timestamptz NOT NULL DEFAULT now()
 );
 
 -- Idempotency-Key replays: the first response, for 24 hours.
@@ -74,17 +74,12 @@ CREATE TABLE idempotency_keys (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Adds two {"key": count} maps key by key: how ingest folds a batch into a profile's counts.
+-- Adds the counts of map b into map a, key by key ({"key": count} maps): how ingest folds a
+-- batch into a profile. Only b's few keys are visited; a's others are kept as they are.
 CREATE FUNCTION add_counts(a jsonb, b jsonb) RETURNS jsonb
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb)
-    FROM (
-        SELECT key, sum(value::bigint) AS total
-        FROM (
-            SELECT key, value #>> '{}' AS value FROM jsonb_each(coalesce(a, '{}'::jsonb))
-            UNION ALL
-            SELECT key, value #>> '{}' FROM jsonb_each(coalesce(b, '{}'::jsonb))
-        ) AS both_maps
-        GROUP BY key
-    ) AS sums
+    SELECT coalesce(a, '{}'::jsonb) || coalesce(
+        (SELECT jsonb_object_agg(key, coalesce((a ->> key)::bigint, 0) + value::bigint)
+         FROM jsonb_each_text(b)),
+        '{}'::jsonb)
 $$;
