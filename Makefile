@@ -37,7 +37,7 @@ pytest: install
 bench-tenancy: install ## provision 1,000 shops, add a migration, migrate them all
 	$(PY) -m bench.tenancy
 
-bench-http: install ## throughput and latency of the real server, with and without auth
+bench-http: install ## the real server: auth cost, ingest (single, batch), profile reads, ceilings
 	$(PY) -m bench.http
 
 bench: bench-tenancy bench-http
