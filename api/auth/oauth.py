@@ -12,7 +12,7 @@ import base64
 import binascii
 import hashlib
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote
 
@@ -25,6 +25,7 @@ from litestar.datastructures import State
 from api.auth import oauth_clients
 from api.auth.credentials import Authenticator
 from api.auth.oauth_clients import ClientRecord, SpentRefreshToken
+from api.auth.revocations import record_revocation
 from api.auth.scopes import SCOPES, UnknownScope, parse_scopes, scope_string
 from api.auth.secrets import Keyring, constant_time_equal
 from api.auth.tokens import InvalidToken, TokenService
@@ -333,10 +334,6 @@ async def revoke(request: Request[Any, Any, Any], state: State) -> Response[dict
 
 
 async def _revoke_access_token(state: State, client: ClientRecord, token: str) -> None:
-    from datetime import UTC, datetime
-
-    from api.auth.revocations import record_revocation
-
     tokens: TokenService = state.tokens
     try:
         claims = await tokens.verify(token)
