@@ -260,6 +260,7 @@ async def test_a_whole_shop_exports_to_json_lines(
     assert manifest["files"] == {
         "customers.jsonl": 2,
         "identities.jsonl": 2,
+        "stage_transitions.jsonl": 0,
         "touchpoints.jsonl": 2,
     }
     lines = (tmp_path / shop.tenant.schema_name / "touchpoints.jsonl").read_text().splitlines()

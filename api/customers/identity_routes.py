@@ -17,6 +17,7 @@ from api.customers.traits import update_traits, validated_writes
 from api.db import TenantConn, in_tenant
 from api.errors import problem_responses
 from api.idempotency import idempotent_json
+from api.journey import stages
 from api.touchpoints.schemas import Text
 
 WRITE = {"scopes": ("customers:write",)}
@@ -64,12 +65,14 @@ async def identify_customer(
     ``customer_id``, created if new. Repeating it changes nothing. An anonymous id that already
     belongs to another known customer is a 409: merge such customers explicitly."""
     body = await request.body()
+    tenant, actor = principal_of(request).tenant, principal_of(request).credential_id
     anonymous_id = linking.checked_id(data.anonymous_id, "$.anonymous_id")
     customer_id = linking.checked_id(data.customer_id, "$.customer_id")
     writes = validated_writes(data.traits) if data.traits is not None else None
 
     async def work(conn: TenantConn) -> tuple[int, bytes]:
         ref = await linking.identify(conn, anonymous_id, customer_id)
+        await stages.reevaluate(conn, tenant.schema, ref, cause="merge", actor=actor)
         if writes is not None:
             customer = await update_traits(conn, customer_id, writes)
         else:
@@ -100,10 +103,12 @@ async def merge_customers(
     counts and missing traits move; nothing is lost or counted twice. Afterwards the absorbed
     id resolves to this customer on every read and write."""
     body = await request.body()
+    tenant, actor = principal_of(request).tenant, principal_of(request).credential_id
     absorbed_id = data.customer_id
 
     async def work(conn: TenantConn) -> tuple[int, bytes]:
         ref = await linking.merge(conn, customer_id, absorbed_id)
+        await stages.reevaluate(conn, tenant.schema, ref, cause="merge", actor=actor)
         return 200, _encode(await customer_by_ref(conn, ref, customer_id))
 
     route = f"POST /v1/customers/{customer_id}/merge"

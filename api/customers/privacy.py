@@ -67,6 +67,9 @@ async def erase(conn: TenantConn, ref: int) -> dict[str, int]:
         "DELETE FROM touchpoints WHERE customer_ref = ANY($1::bigint[])", family
     )
     await conn.execute("DELETE FROM identities WHERE customer_ref = ANY($1::bigint[])", family)
+    await conn.execute(
+        "DELETE FROM stage_transitions WHERE customer_ref = ANY($1::bigint[])", family
+    )
     # Stored idempotent responses may quote the person (an identify answer, for example).
     await conn.execute(
         "DELETE FROM idempotency_keys WHERE EXISTS (SELECT 1 FROM unnest($1::text[]) AS s(v)"
@@ -92,7 +95,8 @@ async def export(conn: TenantConn, ref: int) -> dict[str, Any]:
     profiles = await conn.fetch(
         "SELECT id, customer_id, email, name, traits, trait_times, first_seen_at, last_seen_at,"
         " touchpoint_count, counts_by_type, counts_by_channel, order_count, revenue,"
-        " last_purchase_at, merged_into, created_at, updated_at"
+        " last_purchase_at, stage, stage_since, reached_stage, merged_into, created_at,"
+        " updated_at"
         " FROM customers WHERE id = ANY($1::bigint[]) ORDER BY id",
         family,
     )
@@ -106,7 +110,13 @@ async def export(conn: TenantConn, ref: int) -> dict[str, Any]:
         " ORDER BY occurred_at, id",
         family,
     )
+    transitions = await conn.fetch(
+        "SELECT from_stage, to_stage, occurred_at, cause, touchpoint_event_id, actor, reason"
+        " FROM stage_transitions WHERE customer_ref = ANY($1::bigint[]) ORDER BY occurred_at, id",
+        family,
+    )
     return {
+        "stage_transitions": [dict(r) for r in transitions],
         "profiles": [{k: v for k, v in dict(r).items() if k != "id"} for r in profiles],
         "identities": [dict(r) for r in ids],
         "touchpoints": [dict(r) for r in touchpoints],

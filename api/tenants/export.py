@@ -17,10 +17,16 @@ TABLES: dict[str, tuple[str, str]] = {
     "customers": (
         "id, customer_id, email, name, traits, trait_times, first_seen_at, last_seen_at,"
         " touchpoint_count, counts_by_type, counts_by_channel, order_count, revenue,"
-        " last_purchase_at, merged_into, created_at, updated_at",
+        " last_purchase_at, stage, stage_since, reached_stage, merged_into, created_at,"
+        " updated_at",
         "id",
     ),
     "identities": ("kind, value, customer_ref, created_at", "kind, value"),
+    "stage_transitions": (
+        "id, customer_ref, from_stage, to_stage, occurred_at, cause, touchpoint_event_id, actor,"
+        " reason",
+        "id",
+    ),
     "touchpoints": (
         "id, event_id, customer_ref, type, channel, customer_id, anonymous_id, occurred_at,"
         " sent_at, received_at, email, order_id, amount, currency, order_details, properties,"

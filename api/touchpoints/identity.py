@@ -134,6 +134,11 @@ async def absorb(conn: TenantConn, absorbed: int, survivor: int) -> None:
         "UPDATE touchpoints SET customer_ref = $2 WHERE customer_ref = $1", absorbed, survivor
     )
     await conn.execute(
+        "UPDATE stage_transitions SET customer_ref = $2 WHERE customer_ref = $1",
+        absorbed,
+        survivor,
+    )
+    await conn.execute(
         """
         UPDATE customers s SET
             email = coalesce(s.email, a.email),

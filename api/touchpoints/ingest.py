@@ -12,9 +12,12 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import asyncpg
 import msgspec
 
 from api.db import TenantConn
+from api.journey import stages
+from api.journey.stages import PROFILE_COLUMNS
 from api.touchpoints import identity
 from api.touchpoints.schemas import (
     MAX_ITEM_BYTES,
@@ -109,9 +112,12 @@ def ids_of(item: TouchpointIn) -> list[identity.IdKey]:
 
 
 async def record(
-    conn: TenantConn, items: list[TouchpointIn | ItemResult], received_at: datetime
+    conn: TenantConn,
+    items: list[TouchpointIn | ItemResult],
+    received_at: datetime,
+    schema: str,
 ) -> list[ItemResult]:
-    """Store a batch; returns one result per item, in order."""
+    """Store a batch of ``schema``'s shop; returns one result per item, in order."""
     validated = validate(items, received_at)
     if validated.candidates:
         all_ids = {key for c in validated.candidates for key in ids_of(c.item)}
@@ -122,7 +128,10 @@ async def record(
         if candidates:
             await _assign_profiles(conn, candidates, resolved, all_ids)
             inserted = await _insert(conn, candidates, received_at)
-            await _update_profiles(conn, [c for c in candidates if c.item.id in inserted])
+            stored = [c for c in candidates if c.item.id in inserted]
+            profiles = await _update_profiles(conn, stored)
+            _, rules = await stages.current_rules(conn, schema)
+            await stages.advance_stages(conn, rules, profiles, _latest_events(stored), received_at)
             for candidate in candidates:
                 validated.results[candidate.index] = ItemResult(
                     index=candidate.index,
@@ -130,6 +139,15 @@ async def record(
                     id=candidate.item.id,
                 )
     return [validated.results[index] for index in range(len(items))]
+
+
+def _latest_events(stored: list[Candidate]) -> dict[int, tuple[str, datetime]]:
+    """Per profile, the newest touchpoint of the batch: the one a stage move is put down to."""
+    latest: dict[int, tuple[str, datetime]] = {}
+    for c in stored:
+        if c.ref not in latest or c.occurred_at >= latest[c.ref][1]:
+            latest[c.ref] = (c.item.id, c.occurred_at)
+    return latest
 
 
 def _drop_suppressed(validated: Validated, suppressed: set[bytes]) -> list[Candidate]:
@@ -358,8 +376,9 @@ class ProfileDelta:
     email_at: datetime | None = None
 
 
-async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> None:
-    """Fold the stored touchpoints into their profiles' aggregates, in one statement."""
+async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> list[asyncpg.Record]:
+    """Fold the stored touchpoints into their profiles' aggregates, in one statement; returns
+    the live profiles as they are now (what stage evaluation needs)."""
     deltas: dict[int, ProfileDelta] = {}
     for c in stored:
         delta = deltas.get(c.ref)
@@ -381,12 +400,12 @@ async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> None:
         if c.item.email and (delta.email_at is None or c.occurred_at >= delta.email_at):
             delta.email, delta.email_at = c.item.email, c.occurred_at
     if not deltas:
-        return
+        return []
     # Sorted, so two batches about the same people lock their rows in the same order.
     refs = sorted(deltas)
     values = [deltas[ref] for ref in refs]
     merged = await conn.fetch(
-        """
+        f"""
         UPDATE customers c SET
             first_seen_at = least(c.first_seen_at, u.first_seen),
             last_seen_at = greatest(c.last_seen_at, u.last_seen),
@@ -411,7 +430,7 @@ async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> None:
             AS u(id, first_seen, last_seen, n, types, channels, orders, revenue, last_purchase,
                 email, email_at)
         WHERE c.id = u.id
-        RETURNING c.id, c.merged_into
+        RETURNING {PROFILE_COLUMNS}
         """,
         refs,
         [d.first_seen for d in values],
@@ -425,14 +444,16 @@ async def _update_profiles(conn: TenantConn, stored: list[Candidate]) -> None:
         [d.email for d in values],
         [d.email_at for d in values],
     )
+    live = [r for r in merged if r["merged_into"] is None]
     survivors = {r["id"]: r["merged_into"] for r in merged if r["merged_into"] is not None}
     if survivors:
-        await _follow_merges(conn, stored, survivors)
+        live += await _follow_merges(conn, stored, survivors)
+    return live
 
 
 async def _follow_merges(
     conn: TenantConn, stored: list[Candidate], survivors: dict[int, int]
-) -> None:
+) -> list[asyncpg.Record]:
     """A profile this batch read was absorbed by a merge that committed meanwhile: move this
     batch's touchpoints and counts to the survivor. (The absorb moved everything committed
     before it; these rows were not yet.)"""
@@ -451,7 +472,7 @@ async def _follow_merges(
         " counts_by_channel = '{}', order_count = 0, revenue = '{}' WHERE id = ANY($1::bigint[])",
         list(survivors),
     )
-    await _update_profiles(conn, moved)
+    return await _update_profiles(conn, moved)
 
 
 def _rejected(index: int, path: str, message: str) -> ItemResult:

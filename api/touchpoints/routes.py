@@ -73,6 +73,7 @@ def _too_large(size: int, limit: int) -> Problem:
 async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Record one touchpoint. Re-sending the same ``id`` stores nothing and answers 200 with
     ``status: duplicate``; a new one answers 201 with ``status: accepted``."""
+    principal = principal_of(request)
     body = await read_body(request, MAX_ITEM_BYTES)
     item = ingest.decode_item(0, body)
     if isinstance(item, ItemResult):
@@ -80,7 +81,7 @@ async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Re
     received_at = datetime.now(UTC)
 
     async def work(conn: TenantConn) -> tuple[int, bytes]:
-        [result] = await ingest.record(conn, [item], received_at)
+        [result] = await ingest.record(conn, [item], received_at, principal.tenant.schema)
         if result.status == "rejected":
             raise _item_problem(result)
         occurred_at = ingest.corrected_time(item, received_at)
@@ -97,7 +98,7 @@ async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Re
     return await idempotent_json(
         request,
         state.db,
-        principal_of(request).tenant,
+        principal.tenant,
         "POST /v1/touchpoints",
         body,
         work,
@@ -124,6 +125,7 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
     """Record up to 1,000 touchpoints (1 MB; each at most 32 KB). Never all-or-nothing and never
     silent: ``results`` has one entry per item, in order, ``accepted``, ``duplicate`` (its ``id``
     was stored before, in this batch or earlier) or ``rejected`` with each failing field's path."""
+    principal = principal_of(request)
     body = await read_body(request, MAX_BATCH_BYTES)
     try:
         batch = _batch_decoder.decode(body)
@@ -146,7 +148,7 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
     received_at = datetime.now(UTC)
 
     async def work(conn: TenantConn) -> tuple[int, bytes]:
-        results = await ingest.record(conn, items, received_at)
+        results = await ingest.record(conn, items, received_at, principal.tenant.schema)
         counts = Counter(result.status for result in results)
         return 200, _encode(
             BatchResult(
@@ -161,7 +163,7 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
     return await idempotent_json(
         request,
         state.db,
-        principal_of(request).tenant,
+        principal.tenant,
         "POST /v1/touchpoints/batch",
         body,
         work,

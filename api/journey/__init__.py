@@ -1,0 +1,1 @@
+"""Journey stages: rules, evaluation on ingest, transitions, drift."""
