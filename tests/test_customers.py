@@ -263,7 +263,7 @@ async def test_a_profile_shows_traits_activity_channels_and_every_id(
         "revenue": {"EUR": 12950},
         "last_purchase_at": "2025-03-01T12:20:00Z",
         "ids": {"customer_ids": [customer_id], "anonymous_ids": [anon]},
-        "stage": None,
+        "stage": "awareness",
     }
 
 
@@ -687,18 +687,22 @@ async def test_the_list_filters_by_when_customers_were_last_seen(
     ]
 
 
-async def test_a_stage_filter_matches_nobody_until_stages_are_computed(
+async def test_the_stage_filter_matches_the_current_stage(
     db: Database, api: httpx.AsyncClient, provision: ProvisionFactory
 ) -> None:
     shop = await provision(unique("Stage shop"))
-    await seed_list_shop(db, shop)
+    ids = await seed_list_shop(db, shop)
+    async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
+        await conn.execute(
+            "UPDATE customers SET stage = 'loyalty' WHERE customer_id = $1", ids["middle"]
+        )
     response = await api.get(
         CUSTOMERS, params={"stage": "loyalty"}, headers=bearer(shop.secret_key)
     )
     assert response.status_code == 200, response.text
-    assert response.json() == {"data": [], "has_more": False}
+    assert [c["customer_id"] for c in response.json()["data"]] == [ids["middle"]]
     everyone = (await api.get(CUSTOMERS, headers=bearer(shop.secret_key))).json()["data"]
-    assert {c["stage"] for c in everyone} == {None}
+    assert {c["stage"] for c in everyone} == {"awareness", "loyalty"}
 
 
 @pytest.mark.parametrize(

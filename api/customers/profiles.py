@@ -70,7 +70,7 @@ RESOLVE_CUSTOMER_SQL = _MERGE_CHAIN + "\nSELECT ref, next_ref FROM last_link"
 _PROFILE_COLUMNS = """
     c.id, c.customer_id, c.email, c.name, c.traits, c.first_seen_at, c.last_seen_at,
     c.touchpoint_count, c.counts_by_type, c.counts_by_channel, c.order_count, c.revenue,
-    c.last_purchase_at, c.created_at, c.updated_at,
+    c.last_purchase_at, c.stage, c.created_at, c.updated_at,
     coalesce(ids.customer_ids, '{}') AS customer_ids,
     coalesce(ids.anonymous_ids, '{}') AS anonymous_ids"""
 _PROFILE_IDS = """
@@ -157,7 +157,7 @@ def customer_from_row(row: asyncpg.Record, looked_up_as: str) -> Customer:
         revenue=row["revenue"],
         last_purchase_at=row["last_purchase_at"],
         ids=CustomerIds(customer_ids=customer_ids, anonymous_ids=list(row["anonymous_ids"])),
-        stage=None,
+        stage=row["stage"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
@@ -179,7 +179,8 @@ _KNOWN_UNMERGED_MATCHING = """
     c.merged_into IS NULL AND c.customer_id IS NOT NULL
     AND ($3::text IS NULL
          OR strpos(lower(c.email), lower($3)) > 0
-         OR strpos(lower(c.name), lower($3)) > 0)"""
+         OR strpos(lower(c.name), lower($3)) > 0)
+    AND ($7::text IS NULL OR c.stage = $7)"""
 
 LIST_CUSTOMERS_SQL = f"""
 SELECT {_PROFILE_COLUMNS}
@@ -226,11 +227,6 @@ async def list_customers(
                 errors=[FieldError("query.starting_after", "no such customer")],
             )
         cursor_ref, cursor_seen = cursor["id"], cursor["last_seen_at"]
-    if filters.stage is not None:
-        # No profile has a stage until journey stages are computed (every profile shows
-        # ``stage: null``), so a stage filter matches nobody. The journey work replaces this with a
-        # condition on the stage column.
-        return Page(data=[], has_more=False)
     rows = await conn.fetch(
         LIST_CUSTOMERS_SQL,
         filters.last_seen_after,
@@ -239,5 +235,6 @@ async def list_customers(
         cursor_ref,
         cursor_seen,
         limit + 1,
+        filters.stage,
     )
     return page_of([customer_from_row(row, row["customer_id"]) for row in rows], limit)

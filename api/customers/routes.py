@@ -86,10 +86,7 @@ class CustomerController(Controller):
         stage: Annotated[
             Stage | None,
             Parameter(
-                description=(
-                    "Only customers in this journey stage. Stages are not computed yet: every "
-                    "customer's `stage` is null, so this filter matches nobody for now."
-                )
+                description=("Only customers currently in this journey stage (or drift state).")
             ),
         ] = None,
     ) -> Page[Customer]:

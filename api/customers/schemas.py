@@ -47,7 +47,7 @@ class Customer(msgspec.Struct, frozen=True, kw_only=True):
     revenue: dict[str, int]
     last_purchase_at: datetime | None
     ids: CustomerIds
-    #: The customer's journey stage; ``null`` until journey stages are computed.
+    #: The customer's journey stage, or a drift state (``at_risk``, ``lapsed``).
     stage: Stage | None = None
     created_at: datetime
     updated_at: datetime

@@ -117,27 +117,35 @@ DEFAULT_RULES = RuleSet(
 # --- validation ---------------------------------------------------------------------------------
 
 
-def parse_rules(body: bytes | dict[str, Any]) -> RuleSet:
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    # Conditions are decoded one stage at a time, so an error can name its stage in the path
+    # (msgspec reports a dict value only as `[...]`).
+    stages: dict[str, msgspec.Raw]
+    drift: Drift = msgspec.field(default_factory=Drift)
+
+
+def parse_rules(body: bytes) -> RuleSet:
     """A rule set from JSON, or a 422 naming every failing path."""
     try:
-        rules = (
-            msgspec.json.decode(body, type=RuleSet)
-            if isinstance(body, bytes)
-            else msgspec.convert(body, RuleSet)
-        )
+        envelope = msgspec.json.decode(body, type=_Envelope)
     except msgspec.ValidationError as exc:
-        message, _, path = str(exc).partition(" - at `")
-        raise _invalid([FieldError(path.rstrip("`") or "$", message)]) from exc
+        raise _invalid([_field_error(exc, "$")]) from exc
     except msgspec.DecodeError as exc:
         raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc
     errors: list[FieldError] = []
-    for stage, condition in rules.stages.items():
+    stages: dict[str, Condition] = {}
+    for stage, raw in envelope.stages.items():
+        path = f"$.stages.{stage}"
         if stage not in STAGES[1:]:
-            errors.append(
-                FieldError(f"$.stages.{stage}", f"not a stage with rules: one of {STAGES[1:]}")
-            )
+            errors.append(FieldError(path, f"not a stage with rules: one of {STAGES[1:]}"))
             continue
-        errors.extend(_condition_errors(condition, f"$.stages.{stage}", 1))
+        try:
+            stages[stage] = msgspec.json.decode(raw, type=Condition)
+        except msgspec.ValidationError as exc:
+            errors.append(_field_error(exc, path))
+            continue
+        errors.extend(_condition_errors(stages[stage], path, 1))
+    rules = RuleSet(stages=stages, drift=envelope.drift)
     if rules.drift.lapsed_after_days <= rules.drift.at_risk_after_days:
         errors.append(
             FieldError("$.drift.lapsed_after_days", "must be more than at_risk_after_days")
@@ -145,6 +153,11 @@ def parse_rules(body: bytes | dict[str, Any]) -> RuleSet:
     if errors:
         raise _invalid(errors)
     return rules
+
+
+def _field_error(exc: msgspec.ValidationError, prefix: str) -> FieldError:
+    message, _, path = str(exc).partition(" - at `")
+    return FieldError(prefix + path.rstrip("`").removeprefix("$"), message)
 
 
 def _invalid(errors: list[FieldError]) -> Problem:
