@@ -24,6 +24,8 @@ from api.db import Database
 from api.db.migrate import MigrationSet
 from api.errors import EXCEPTION_HANDLERS, problem_page
 from api.health import health, ready
+from api.journey.config_routes import journey_config_routes
+from api.journey.routes import journey_routes
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
 from api.openapi_bodies import document_request_bodies
@@ -75,6 +77,8 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             *touchpoint_routes,
             CustomerController,
             *identity_routes,
+            *journey_routes,
+            *journey_config_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,
