@@ -754,3 +754,24 @@ async def test_two_shops_never_mix(
         "touchpoint",
         "manual",
     ]
+
+
+async def test_a_hand_set_stage_holds_until_the_rules_earn_more(
+    api: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    shop = await provision(unique("Held shop"))
+    key, customer = shop.secret_key, "held"
+    await buyer(api, shop, customer, purchases=3)
+    moved = await move(api, key, customer, "consideration", "Returned everything.")
+    assert moved.status_code == 200, moved.text
+
+    # Nothing new: a page view and even a fourth order earn loyalty, which the move overruled.
+    await send(api, key, event(customer, "held-view-2", "page_view", NOW - HOUR))
+    await send(api, key, event(customer, "held-buy-4", "purchase", NOW - HOUR / 2))
+    assert (await journey(api, key, customer))["stage"] == "consideration"
+
+    # New evidence: a review earns advocacy, more than the rules gave at the move.
+    await send(api, key, event(customer, "held-review", "review_written", NOW - HOUR / 4))
+    body = await journey(api, key, customer)
+    assert body["stage"] == "advocacy"
+    assert body["history"][-1]["touchpoint_id"] == "held-review"

@@ -19,8 +19,8 @@ from api.db import TenantConn, in_tenant
 from api.errors import FieldError, Problem, problem_responses
 from api.idempotency import idempotent_json
 from api.journey.history import CustomerJourney, customer_journey, journey_of
-from api.journey.rules import STAGES
-from api.journey.stages import Move, record_moves
+from api.journey.rules import STAGES, forward_stage
+from api.journey.stages import PROFILE_COLUMNS, Move, aggregates_of, current_rules, record_moves
 
 READ = {"scopes": ("customers:read",)}
 WRITE = {"scopes": ("customers:write",)}
@@ -92,12 +92,12 @@ async def set_customer_stage(
         if ref is None:
             raise not_found(customer_id)
         current = await conn.fetchrow(
-            "SELECT stage, reached_stage, stage_since FROM customers WHERE id = $1 FOR UPDATE",
-            ref,
+            f"SELECT {PROFILE_COLUMNS} FROM customers c WHERE c.id = $1 FOR UPDATE", ref
         )
         if current is None:
             raise not_found(customer_id)
         if current["stage"] != data.stage:
+            _, rules = await current_rules(conn, principal.tenant.schema)
             since: datetime | None = current["stage_since"]
             now = datetime.now(UTC)
             move = Move(
@@ -109,6 +109,8 @@ async def set_customer_stage(
                 # with a time slightly ahead), so the history stays in order.
                 at=max(now, since) if since is not None else now,
                 event_id=None,
+                # Until the rules give more than they do now, touchpoints keep this stage.
+                basis=forward_stage(rules, aggregates_of(current), now),
             )
             await record_moves(
                 conn, [move], cause="manual", actor=principal.credential_id, reason=reason

@@ -272,10 +272,24 @@ def later(a: str, b: str) -> str:
     return a if _RANK[a] >= _RANK[b] else b
 
 
-def next_stage(rules: RuleSet, reached: str, profile: Aggregates, now: datetime) -> tuple[str, str]:
-    """(stage, reached) after a change to the profile: forward only, drift on top."""
-    reached = later(reached, forward_stage(rules, profile, now))
+def next_stage(
+    rules: RuleSet, reached: str, profile: Aggregates, now: datetime, basis: str | None = None
+) -> tuple[str, str]:
+    """(stage, reached) after a change to the profile: forward only, drift on top.
+
+    ``basis`` is set after a manual move: what the rules gave then. The rules move the customer
+    again only once they give more than that; a hand-set stage is not undone by the next page
+    view of a customer whose history already earned a higher one.
+    """
+    earned = forward_stage(rules, profile, now)
+    if not new_evidence(earned, basis):
+        earned = "awareness"
+    reached = later(reached, earned)
     return drift_state(rules, profile, now) or reached, reached
+
+
+def new_evidence(earned: str, basis: str | None) -> bool:
+    return basis is None or _RANK[earned] > _RANK[basis]
 
 
 # --- compilation to SQL (all profiles at once) --------------------------------------------------

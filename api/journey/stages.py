@@ -11,7 +11,14 @@ import asyncpg
 import msgspec
 
 from api.db import TenantConn
-from api.journey.rules import DEFAULT_RULES, Aggregates, RuleSet, next_stage
+from api.journey.rules import (
+    DEFAULT_RULES,
+    Aggregates,
+    RuleSet,
+    forward_stage,
+    new_evidence,
+    next_stage,
+)
 
 #: How long a worker keeps a shop's rules before reading them again (a PUT in the same worker
 #: takes effect at once).
@@ -27,6 +34,7 @@ PROFILE_COLUMNS = ", ".join(
         "stage",
         "reached_stage",
         "stage_since",
+        "stage_basis",
         "counts_by_type",
         "counts_by_channel",
         "order_count",
@@ -80,6 +88,8 @@ class Move:
     reached: str
     at: datetime
     event_id: str | None
+    #: What the rules gave when a stage was set by hand (see rules.next_stage); else None.
+    basis: str | None = None
 
 
 async def advance_stages(
@@ -95,14 +105,18 @@ async def advance_stages(
     for profile in profiles:
         if profile["merged_into"] is not None:
             continue
-        stage, reached = next_stage(rules, profile["reached_stage"], aggregates_of(profile), now)
+        aggregates = aggregates_of(profile)
+        basis = profile["stage_basis"]
+        stage, reached = next_stage(rules, profile["reached_stage"], aggregates, now, basis)
         if stage == profile["stage"] and reached == profile["reached_stage"]:
             continue
+        if basis is not None and new_evidence(forward_stage(rules, aggregates, now), basis):
+            basis = None
         event_id, occurred_at = causes.get(profile["id"], (None, now))
         since = profile["stage_since"]
         # A late event moves the stage now, but never to before the stage it leaves began.
         at = max(occurred_at, since) if since is not None else occurred_at
-        moves.append(Move(profile["id"], profile["stage"], stage, reached, at, event_id))
+        moves.append(Move(profile["id"], profile["stage"], stage, reached, at, event_id, basis))
     await record_moves(conn, moves, cause="touchpoint")
     return moves
 
@@ -120,13 +134,15 @@ async def record_moves(
         return
     await conn.execute(
         "UPDATE customers c SET stage = u.stage, reached_stage = u.reached,"
+        " stage_basis = u.basis,"
         " stage_since = CASE WHEN c.stage = u.stage THEN c.stage_since ELSE u.at END"
-        " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[])"
-        " AS u(id, stage, reached, at) WHERE c.id = u.id",
+        " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])"
+        " AS u(id, stage, reached, at, basis) WHERE c.id = u.id",
         [m.ref for m in moves],
         [m.to_stage for m in moves],
         [m.reached for m in moves],
         [m.at for m in moves],
+        [m.basis for m in moves],
     )
     changed = [m for m in moves if m.from_stage != m.to_stage]
     if changed:
@@ -156,6 +172,7 @@ async def reevaluate(
         return
     _, rules = await current_rules(conn, schema)
     now = datetime.now(UTC)
+    # A merge is new evidence: the merged history decides, not an earlier hand-set stage.
     stage, reached = next_stage(rules, profile["reached_stage"], aggregates_of(profile), now)
     if stage != profile["stage"] or reached != profile["reached_stage"]:
         move = Move(ref, profile["stage"], stage, reached, now, None)

@@ -5,7 +5,10 @@ ALTER TABLE customers
     ADD COLUMN stage text NOT NULL DEFAULT 'awareness',
     ADD COLUMN stage_since timestamptz,
     -- The furthest of the six stages reached; drift never lowers it, a new purchase returns to it.
-    ADD COLUMN reached_stage text NOT NULL DEFAULT 'awareness';
+    ADD COLUMN reached_stage text NOT NULL DEFAULT 'awareness',
+    -- Set by a manual move: the stage the rules gave at that moment. Until the rules give more
+    -- than this (new evidence), touchpoints keep the hand-set stage.
+    ADD COLUMN stage_basis text;
 CREATE INDEX customers_by_stage ON customers (stage) WHERE merged_into IS NULL;
 
 -- Every move between stages, with what caused it.
