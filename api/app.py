@@ -25,6 +25,7 @@ from api.db.migrate import MigrationSet
 from api.errors import EXCEPTION_HANDLERS, problem_page
 from api.health import health, ready
 from api.journey.config_routes import journey_config_routes
+from api.journey.rfm_routes import rfm_routes
 from api.journey.routes import journey_routes
 from api.logs import configure_logging
 from api.middleware import RequestContextMiddleware
@@ -79,6 +80,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             *identity_routes,
             *journey_routes,
             *journey_config_routes,
+            *rfm_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,

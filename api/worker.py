@@ -19,6 +19,7 @@ from api.auth.tokens import token_service
 from api.config import Settings
 from api.db import Database
 from api.journey.drift import apply_drift_all_shops
+from api.journey.rfm import recompute_rfm_all_shops
 
 log = logging.getLogger("sjaak.worker")
 
@@ -61,6 +62,7 @@ def chores(settings: Settings, db: Database, keyring: Keyring) -> list[Chore]:
         Chore("prune-expired-credentials", 3600, lambda: prune_expired_credentials(db)),
         Chore("rotate-signing-keys", 3600, rotate_signing_keys),
         Chore("journey-drift", 3600, lambda: apply_drift_all_shops(db)),
+        Chore("rfm-recompute", 3600, lambda: recompute_rfm_all_shops(db)),
     ]
 
 

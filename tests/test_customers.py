@@ -264,6 +264,7 @@ async def test_a_profile_shows_traits_activity_channels_and_every_id(
         "last_purchase_at": "2025-03-01T12:20:00Z",
         "ids": {"customer_ids": [customer_id], "anonymous_ids": [anon]},
         "stage": "awareness",
+        "rfm": None,
     }
 
 

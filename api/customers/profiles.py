@@ -14,7 +14,7 @@ from datetime import datetime
 import asyncpg
 import msgspec
 
-from api.customers.schemas import Customer, CustomerIds, Stage
+from api.customers.schemas import Customer, CustomerIds, CustomerRfm, Stage
 from api.db import TenantConn
 from api.errors import FieldError, Problem
 from api.pagination import Page, page_of
@@ -71,6 +71,8 @@ _PROFILE_COLUMNS = """
     c.id, c.customer_id, c.email, c.name, c.traits, c.first_seen_at, c.last_seen_at,
     c.touchpoint_count, c.counts_by_type, c.counts_by_channel, c.order_count, c.revenue,
     c.last_purchase_at, c.stage, c.created_at, c.updated_at,
+    c.rfm_recency, c.rfm_frequency, c.rfm_monetary, c.rfm_segment, c.rfm_computed_at,
+    (SELECT r.computed_at FROM rfm_runs AS r ORDER BY r.id DESC LIMIT 1) AS rfm_run_at,
     coalesce(ids.customer_ids, '{}') AS customer_ids,
     coalesce(ids.anonymous_ids, '{}') AS anonymous_ids"""
 _PROFILE_IDS = """
@@ -158,8 +160,24 @@ def customer_from_row(row: asyncpg.Record, looked_up_as: str) -> Customer:
         last_purchase_at=row["last_purchase_at"],
         ids=CustomerIds(customer_ids=customer_ids, anonymous_ids=list(row["anonymous_ids"])),
         stage=row["stage"],
+        rfm=_rfm_of(row),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+    )
+
+
+def _rfm_of(row: asyncpg.Record) -> CustomerRfm | None:
+    """The RFM part of a profile row, if a computation has scored the customer. The scores are
+    current as of the shop's latest computation (``rfm_run_at``, selected once per query)."""
+    if row["rfm_segment"] is None:
+        return None
+    return CustomerRfm(
+        recency=row["rfm_recency"],
+        frequency=row["rfm_frequency"],
+        monetary=row["rfm_monetary"],
+        segment=row["rfm_segment"],
+        computed_at=row["rfm_run_at"] or row["rfm_computed_at"],
+        changed_at=row["rfm_computed_at"],
     )
 
 

@@ -20,6 +20,34 @@ Stage = Literal[
 ]
 
 
+#: The RFM segments of ``DOMAIN.md``, best first (see ``api.journey.rfm`` for how R and F map).
+RfmSegment = Literal[
+    "champions",
+    "loyal",
+    "potential_loyalists",
+    "new",
+    "promising",
+    "need_attention",
+    "at_risk",
+    "hibernating",
+    "lost",
+]
+
+
+class CustomerRfm(msgspec.Struct, frozen=True, kw_only=True):
+    """The customer's RFM scores, 1 to 5 by quintile within the shop (5 the best: most recent
+    purchase, most orders and highest spend in the shop's window), and the segment they make."""
+
+    recency: int
+    frequency: int
+    monetary: int
+    segment: RfmSegment
+    #: The shop's latest computation, which these scores are current as of.
+    computed_at: datetime
+    #: The computation that last changed these scores (a computation writes only changes).
+    changed_at: datetime
+
+
 class CustomerIds(msgspec.Struct, frozen=True, kw_only=True):
     """Every id that leads to this profile, oldest first."""
 
@@ -49,6 +77,9 @@ class Customer(msgspec.Struct, frozen=True, kw_only=True):
     ids: CustomerIds
     #: The customer's journey stage, or a drift state (``at_risk``, ``lapsed``).
     stage: Stage | None = None
+    #: RFM scores and segment; ``null`` until a computation has scored the customer (only
+    #: customers with a purchase are scored).
+    rfm: CustomerRfm | None = None
     created_at: datetime
     updated_at: datetime
 

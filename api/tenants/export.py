@@ -17,7 +17,8 @@ TABLES: dict[str, tuple[str, str]] = {
     "customers": (
         "id, customer_id, email, name, traits, trait_times, first_seen_at, last_seen_at,"
         " touchpoint_count, counts_by_type, counts_by_channel, order_count, revenue,"
-        " last_purchase_at, stage, stage_since, reached_stage, merged_into, created_at,"
+        " last_purchase_at, stage, stage_since, reached_stage, stage_basis, rfm_recency,"
+        " rfm_frequency, rfm_monetary, rfm_segment, rfm_computed_at, merged_into, created_at,"
         " updated_at",
         "id",
     ),
