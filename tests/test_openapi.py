@@ -66,3 +66,14 @@ def test_ingest_documents_its_request_bodies(app: Litestar) -> None:
     touchpoint = spec["components"]["schemas"]["TouchpointIn"]
     assert set(touchpoint["required"]) == {"id", "type", "channel", "occurred_at"}
     assert touchpoint["additionalProperties"] is False
+
+
+def test_every_protected_operation_documents_the_auth_problems(app: Litestar) -> None:
+    for method, path, handler, operation in operations(app):
+        if is_public(handler) or path.startswith("/oauth/"):
+            continue
+        for status in ("401", "403", "429"):
+            response = operation["responses"].get(status)
+            assert response is not None, f"{method} {path} lacks {status}"
+            schema = response["content"]["application/problem+json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ProblemBody"}

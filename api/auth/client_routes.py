@@ -34,7 +34,6 @@ class OAuthClientController(Controller):
     path = "/v1/oauth-clients"
     tags = ["oauth-clients"]
     opt = {"scopes": ("keys:write",)}
-    responses = problem_responses(401, 403, 429)
 
     @post(
         "/",

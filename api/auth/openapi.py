@@ -6,11 +6,22 @@ what the API actually demands.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+from typing import Any
+
 from litestar import Litestar
-from litestar.openapi.spec import OAuthFlow, OAuthFlows, SecurityScheme
+from litestar.openapi.spec import (
+    OAuthFlow,
+    OAuthFlows,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    Reference,
+    SecurityScheme,
+)
 
 from api.auth.guards import is_public, required_scopes
 from api.auth.scopes import SCOPES
+from api.errors import PROBLEM_MEDIA_TYPE
 
 API_KEY = "apiKey"
 OAUTH2 = "oauth2"
@@ -74,6 +85,7 @@ def document_security(app: Litestar) -> None:
                     continue
                 scopes = sorted(required_scopes(handler))
                 operation.security = [{API_KEY: []}, {OAUTH2: scopes}]
+                _add_auth_problems(operation)
                 needs = (
                     f"Required scopes: `{'`, `'.join(scopes)}`."
                     if scopes
@@ -82,3 +94,24 @@ def document_security(app: Litestar) -> None:
                 if handler.opt.get("publishable"):
                     needs += " Publishable keys are accepted (from their allowed origins)."
                 operation.description = f"{operation.description or ''}\n\n{needs}".strip()
+
+
+#: What the authorization hook itself can answer on any protected operation.
+AUTH_STATUSES = (401, 403, 429)
+
+
+def _add_auth_problems(operation: Any) -> None:
+    responses = operation.responses if operation.responses is not None else {}
+    for status in AUTH_STATUSES:
+        responses.setdefault(
+            str(status),
+            OpenAPIResponse(
+                description=HTTPStatus(status).phrase,
+                content={
+                    PROBLEM_MEDIA_TYPE: OpenAPIMediaType(
+                        schema=Reference(ref="#/components/schemas/ProblemBody")
+                    )
+                },
+            ),
+        )
+    operation.responses = responses

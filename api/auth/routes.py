@@ -76,7 +76,6 @@ class ApiKeyController(Controller):
     path = "/v1/api-keys"
     tags = ["api-keys"]
     opt = {"scopes": ("keys:write",)}
-    responses = problem_responses(401, 403, 429)
 
     @post(
         "/",

@@ -58,7 +58,6 @@ def _until(what: str) -> Any:
 class CustomerController(Controller):
     path = "/v1/customers"
     tags = ["customers"]
-    responses = problem_responses(401, 403, 429)
 
     @get(
         "/",

@@ -54,7 +54,6 @@ _NEW_CONFIG = {
 class JourneyConfigController(Controller):
     path = PATH
     tags = ["journey"]
-    responses = problem_responses(401, 403, 429)
 
     @get(
         "/",
