@@ -11,6 +11,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Server
 
+from api.analytics.routes import analytics_routes
 from api.auth.client_routes import OAuthClientController
 from api.auth.guards import authorize_request
 from api.auth.oauth import OAuthError, handle_oauth_error, oauth_routes
@@ -81,6 +82,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             *journey_routes,
             *journey_config_routes,
             *rfm_routes,
+            *analytics_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,
