@@ -94,6 +94,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             description="Customer journeys, loyalty and offers for web shops.",
             path="/schema",
             servers=[Server(url="/", description="This server")],
+            use_handler_docstrings=True,
             render_plugins=[ScalarRenderPlugin(path="/")],
         ),
         debug=False,
