@@ -26,12 +26,19 @@ READ = {"scopes": ("analytics:read",)}
 _PROBLEMS = problem_responses(401, 403, 422, 429)
 
 
+FILTERS = (
+    "Filters: the period runs from `from` (inclusive) to `to` (exclusive), RFC 3339 with an"
+    " offset, by default the 90 days up to now and at most 366 days; `channel` keeps only"
+    " customers acquired on that channel (the channel of their first touchpoint). Profiles"
+    " merged into another are not counted apart: their history is the survivor's."
+)
+
+
 def _described(controller: type[Controller]) -> type[Controller]:
-    """Each operation's OpenAPI description is its handler's docstring (the app's OpenAPI config
-    does not read docstrings itself)."""
+    """Each operation's OpenAPI description: its docstring, then the filters all of them share."""
     for value in vars(controller).values():
         if isinstance(value, HTTPRouteHandler) and value.description is None and value.fn.__doc__:
-            value.description = cleandoc(value.fn.__doc__)
+            value.description = f"{cleandoc(value.fn.__doc__)}\n\n{FILTERS}"
     return controller
 
 
@@ -67,12 +74,7 @@ class AnalyticsController(Controller):
         reaching the one stage to reaching the next, in whole seconds, over the customers who
         reached the next. Awareness is reached when first seen; any other stage at the earliest
         transition into it or a later stage, so a stage a customer skipped takes 0 seconds.
-        Conversions count whenever they happened, also after `to`.
-
-        Filters: the period runs from `from` (inclusive) to `to` (exclusive), RFC 3339 with an
-        offset, by default the 90 days up to now and at most 366 days; `channel` keeps only
-        customers acquired on that channel (the channel of their first touchpoint). Profiles
-        merged into another are not counted apart: their history is the survivor's."""
+        Conversions count whenever they happened, also after `to`."""
         query = filters(from_, to, channel)
 
         async def work(conn: TenantConn) -> Funnel:
@@ -115,12 +117,7 @@ class AnalyticsController(Controller):
         first purchase, most customers first, then by the sequence; a sequence lists the
         channels of those touchpoints oldest first, consecutive repeats collapsed into one,
         keeping the last 5 (nearest the purchase); it is empty for customers who
-        bought at their first contact.
-
-        Filters: the period runs from `from` (inclusive) to `to` (exclusive), RFC 3339 with an
-        offset, by default the 90 days up to now and at most 366 days; `channel` keeps only
-        customers acquired on that channel (the channel of their first touchpoint). Profiles
-        merged into another are not counted apart: their history is the survivor's."""
+        bought at their first contact."""
         query = filters(from_, to, channel)
 
         async def work(conn: TenantConn) -> Paths:
@@ -171,12 +168,7 @@ class AnalyticsController(Controller):
         the end: per model and currency, each row's revenue is rounded down and the units left
         over go one each to the rows with the largest remainders (ties: by name), so each
         model's rows add up exactly to `revenue`. Purchase credits are rounded half up to 4
-        decimals.
-
-        Filters: the period runs from `from` (inclusive) to `to` (exclusive), RFC 3339 with an
-        offset, by default the 90 days up to now and at most 366 days; `channel` keeps only
-        customers acquired on that channel (the channel of their first touchpoint). Profiles
-        merged into another are not counted apart: their history is the survivor's."""
+        decimals."""
         query = filters(from_, to, channel)
 
         async def work(conn: TenantConn) -> Attribution:
@@ -207,12 +199,7 @@ class AnalyticsController(Controller):
         """The data of a Sankey diagram: the stage transitions that occurred in the period,
         grouped by `from_stage` and `to_stage` (drift states and manual moves back included),
         each with how many transitions and distinct customers; in stage order. `transitions`
-        and `customers` are the totals.
-
-        Filters: the period runs from `from` (inclusive) to `to` (exclusive), RFC 3339 with an
-        offset, by default the 90 days up to now and at most 366 days; `channel` keeps only
-        customers acquired on that channel (the channel of their first touchpoint). Profiles
-        merged into another are not counted apart: their history is the survivor's."""
+        and `customers` are the totals."""
         query = filters(from_, to, channel)
 
         async def work(conn: TenantConn) -> StageFlow:
