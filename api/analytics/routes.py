@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from inspect import cleandoc
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Request, get
 from litestar.datastructures import State
@@ -22,6 +23,8 @@ from api.errors import problem_responses
 from api.journey.history import Cause
 
 READ = {"scopes": ("analytics:read",)}
+T = TypeVar("T")
+
 # Per handler: a controller's ``responses`` attribute does not reach the spec.
 _PROBLEMS = problem_responses(401, 403, 422, 429)
 
@@ -40,6 +43,20 @@ def _described(controller: type[Controller]) -> type[Controller]:
         if isinstance(value, HTTPRouteHandler) and value.description is None and value.fn.__doc__:
             value.description = f"{cleandoc(value.fn.__doc__)}\n\n{FILTERS}"
     return controller
+
+
+async def _answer(
+    request: Request[Any, Any, Any],
+    state: State,
+    fetch: Callable[[TenantConn], Awaitable[T]],
+) -> T:
+    """Run one analytics query in the caller's shop, in a transaction tuned for it."""
+
+    async def work(conn: TenantConn) -> T:
+        await analytics_session(conn)
+        return await fetch(conn)
+
+    return await in_tenant(state.db, principal_of(request).tenant, work)
 
 
 @_described
@@ -77,11 +94,7 @@ class AnalyticsController(Controller):
         Conversions count whenever they happened, also after `to`."""
         query = filters(from_, to, channel)
 
-        async def work(conn: TenantConn) -> Funnel:
-            await analytics_session(conn)
-            return await funnel.funnel(conn, query)
-
-        return await in_tenant(state.db, principal_of(request).tenant, work)
+        return await _answer(request, state, lambda conn: funnel.funnel(conn, query))
 
     @get(
         "/paths",
@@ -120,11 +133,7 @@ class AnalyticsController(Controller):
         bought at their first contact."""
         query = filters(from_, to, channel)
 
-        async def work(conn: TenantConn) -> Paths:
-            await analytics_session(conn)
-            return await paths.paths(conn, query, top=limit)
-
-        return await in_tenant(state.db, principal_of(request).tenant, work)
+        return await _answer(request, state, lambda conn: paths.paths(conn, query, top=limit))
 
     @get(
         "/attribution",
@@ -171,11 +180,11 @@ class AnalyticsController(Controller):
         decimals."""
         query = filters(from_, to, channel)
 
-        async def work(conn: TenantConn) -> Attribution:
-            await analytics_session(conn)
-            return await attribution_queries.attribution(conn, query, lookback_days=lookback_days)
-
-        return await in_tenant(state.db, principal_of(request).tenant, work)
+        return await _answer(
+            request,
+            state,
+            lambda conn: attribution_queries.attribution(conn, query, lookback_days=lookback_days),
+        )
 
     @get(
         "/stages/flow",
@@ -202,11 +211,7 @@ class AnalyticsController(Controller):
         and `customers` are the totals."""
         query = filters(from_, to, channel)
 
-        async def work(conn: TenantConn) -> StageFlow:
-            await analytics_session(conn)
-            return await flow.stage_flow(conn, query, cause=cause)
-
-        return await in_tenant(state.db, principal_of(request).tenant, work)
+        return await _answer(request, state, lambda conn: flow.stage_flow(conn, query, cause=cause))
 
 
 analytics_routes: list[type[Controller]] = [AnalyticsController]
