@@ -121,10 +121,9 @@ class CustomerController(Controller):
         every id they go by. A customer merged into another is answered with the survivor."""
         principal = principal_of(request)
 
-        async def work(conn: TenantConn) -> Customer:
-            return await profiles.get_customer(conn, customer_id)
-
-        return await in_tenant(state.db, principal.tenant, work)
+        return await in_tenant(
+            state.db, principal.tenant, lambda conn: profiles.get_customer(conn, customer_id)
+        )
 
     @patch(
         "/{customer_id:str}",
@@ -147,10 +146,9 @@ class CustomerController(Controller):
         principal = principal_of(request)
         writes = traits.validated_writes(data)
 
-        async def work(conn: TenantConn) -> Customer:
-            return await traits.update_traits(conn, customer_id, writes)
-
-        return await in_tenant(state.db, principal.tenant, work)
+        return await in_tenant(
+            state.db, principal.tenant, lambda conn: traits.update_traits(conn, customer_id, writes)
+        )
 
     @get(
         "/{customer_id:str}/touchpoints",
