@@ -29,6 +29,7 @@ from api.journey.config_routes import journey_config_routes
 from api.journey.rfm_routes import rfm_routes
 from api.journey.routes import journey_routes
 from api.logs import configure_logging
+from api.loyalty.routes import loyalty_routes
 from api.middleware import RequestContextMiddleware
 from api.openapi_bodies import document_request_bodies
 from api.services import install_services, run_background, stop_services
@@ -83,6 +84,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             *journey_config_routes,
             *rfm_routes,
             *analytics_routes,
+            *loyalty_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,

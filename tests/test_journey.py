@@ -24,6 +24,7 @@ from api.db import Database, TenantConn, tenant_tx
 from api.journey import drift, history
 from api.journey.drift import apply_drift, apply_drift_all_shops
 from api.journey.routes import journey_routes
+from api.tenants import fanout
 from api.tenants.lifecycle import ProvisionedShop, suspend_tenant
 from tests.conftest import ProvisionFactory, bearer, http_client, make_app
 from tests.test_http import assert_problem
@@ -417,10 +418,10 @@ async def test_apply_drift_all_shops_runs_in_every_active_shop_and_survives_a_fa
         return await real(conn, schema, now)
 
     monkeypatch.setattr(drift, "apply_drift", failing)
-    with caplog.at_level(logging.ERROR, logger="sjaak.journey.drift"):
+    with caplog.at_level(logging.ERROR, logger=fanout.log.name):
         moved = await apply_drift_all_shops(db)
     assert moved >= 1
-    failed = {getattr(r, "schema", None) for r in caplog.records if r.name == drift.log.name}
+    failed = {getattr(r, "schema", None) for r in caplog.records if r.name == fanout.log.name}
     assert broken.tenant.schema_name in failed
     assert not failed & {active.tenant.schema_name, suspended.tenant.schema_name}
 

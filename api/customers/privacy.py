@@ -14,6 +14,18 @@ from api.db import TenantConn
 from api.touchpoints.ingest import suppression_hash
 
 ACCOUNTING_TYPES = ("purchase", "refund")
+#: Rows about the person that go with the profile: journey history, the points ledger (an
+#: erased customer's points are forfeited) and undelivered events naming them.
+ERASED_WITH_PROFILE = (
+    "stage_transitions",
+    "loyalty_entries",
+    "loyalty_lots",
+    "loyalty_redemptions",
+    "loyalty_refunds",
+    "loyalty_tier_changes",
+    "loyalty_accounts",
+    "outbox",
+)
 
 _TOUCHPOINT_COLUMNS = (
     "event_id, type, channel, customer_id, anonymous_id, occurred_at, sent_at, received_at,"
@@ -67,9 +79,8 @@ async def erase(conn: TenantConn, ref: int) -> dict[str, int]:
         "DELETE FROM touchpoints WHERE customer_ref = ANY($1::bigint[])", family
     )
     await conn.execute("DELETE FROM identities WHERE customer_ref = ANY($1::bigint[])", family)
-    await conn.execute(
-        "DELETE FROM stage_transitions WHERE customer_ref = ANY($1::bigint[])", family
-    )
+    for table in ERASED_WITH_PROFILE:
+        await conn.execute(f"DELETE FROM {table} WHERE customer_ref = ANY($1::bigint[])", family)
     # Stored idempotent responses may quote the person (an identify answer, for example).
     await conn.execute(
         "DELETE FROM idempotency_keys WHERE EXISTS (SELECT 1 FROM unnest($1::text[]) AS s(v)"

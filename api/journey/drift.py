@@ -9,15 +9,12 @@ or a concurrent one on another worker, finds nothing left to move.
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
 
-from api.db import Database, Tenant, TenantConn, in_tenant
+from api.db import Database, Tenant, TenantConn
 from api.journey.rules import drift_sql
 from api.journey.stages import current_rules
-from api.tenants.lifecycle import list_tenants
-
-log = logging.getLogger("sjaak.journey.drift")
+from api.tenants.fanout import in_every_shop
 
 # $1 now, $2..$4 the reasons recorded for a move to lapsed, to at_risk, and back to the reached
 # stage (the rules no longer call the customer drifting: the shop relaxed them, or a manual move
@@ -63,24 +60,9 @@ async def apply_drift(conn: TenantConn, schema: str, now: datetime | None = None
 
 
 async def apply_drift_all_shops(db: Database) -> int:
-    """Run :func:`apply_drift` in every active shop, each in its own transaction; returns the
-    total moved. A shop that fails is logged and skipped, so one shop cannot stall the rest."""
-    moved = 0
-    for record in await list_tenants(db):
-        if record.status != "active":
-            continue
-        try:
-            moved += await _drift_shop(db, record.as_tenant())
-        except Exception:
-            log.exception(
-                "journey drift failed for a shop; the others go on",
-                extra={"tenant_id": str(record.id), "schema": record.schema_name},
-            )
-    return moved
+    """Run :func:`apply_drift` in every active shop; returns the total moved."""
 
-
-async def _drift_shop(db: Database, tenant: Tenant) -> int:
-    async def work(conn: TenantConn) -> int:
+    async def work(conn: TenantConn, tenant: Tenant) -> int:
         return await apply_drift(conn, tenant.schema)
 
-    return await in_tenant(db, tenant, work)
+    return await in_every_shop(db, "journey-drift", work)

@@ -46,7 +46,6 @@ What is incremental
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -57,11 +56,9 @@ import asyncpg
 import msgspec
 
 from api.customers.schemas import RfmSegment
-from api.db import Database, Tenant, TenantConn, in_tenant
+from api.db import Database, Tenant, TenantConn
 from api.errors import FieldError, Problem
-from api.tenants.lifecycle import list_tenants
-
-log = logging.getLogger("sjaak.journey.rfm")
+from api.tenants.fanout import in_every_shop
 
 DEFAULT_WINDOW_DAYS = 365
 MAX_WINDOW_DAYS = 3650
@@ -604,25 +601,10 @@ async def _unchanged(
 
 
 async def recompute_rfm_all_shops(db: Database) -> int:
-    """The worker's chore: :func:`recompute` in every active shop, each in its own transaction
-    (a shop where nothing changed is skipped cheaply); returns the profiles whose scores
-    changed. A shop that fails is logged and skipped, so one shop cannot stall the rest."""
-    changed = 0
-    for record in await list_tenants(db):
-        if record.status != "active":
-            continue
-        try:
-            changed += await _recompute_shop(db, record.as_tenant())
-        except Exception:
-            log.exception(
-                "RFM computation failed for a shop; the others go on",
-                extra={"tenant_id": str(record.id), "schema": record.schema_name},
-            )
-    return changed
+    """The worker's chore: :func:`recompute` in every active shop (a shop where nothing changed
+    is skipped cheaply); returns the profiles whose scores changed."""
 
-
-async def _recompute_shop(db: Database, tenant: Tenant) -> int:
-    async def work(conn: TenantConn) -> int:
+    async def work(conn: TenantConn, _: Tenant) -> int:
         return (await recompute(conn, trigger="schedule")).changed
 
-    return await in_tenant(db, tenant, work)
+    return await in_every_shop(db, "rfm-recompute", work)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from api.db import TenantConn
+from api.loyalty.ledger import merge_accounts
 
 IdKey = tuple[str, str]  # (kind, value)
 
@@ -138,6 +139,7 @@ async def absorb(conn: TenantConn, absorbed: int, survivor: int) -> None:
         absorbed,
         survivor,
     )
+    await merge_accounts(conn, absorbed, survivor)
     await conn.execute(
         """
         UPDATE customers s SET

@@ -18,6 +18,7 @@ import msgspec
 from api.db import TenantConn
 from api.journey import stages
 from api.journey.stages import PROFILE_COLUMNS
+from api.loyalty import earning
 from api.touchpoints import identity
 from api.touchpoints.schemas import (
     MAX_ITEM_BYTES,
@@ -132,6 +133,12 @@ async def record(
             profiles = await _update_profiles(conn, stored)
             _, rules = await stages.current_rules(conn, schema)
             await stages.advance_stages(conn, rules, profiles, _latest_events(stored), received_at)
+            await earning.on_ingest(
+                conn,
+                schema,
+                [earning.Stored(c.ref, c.item, c.occurred_at) for c in stored],
+                received_at,
+            )
             for candidate in candidates:
                 validated.results[candidate.index] = ItemResult(
                     index=candidate.index,

@@ -27,6 +27,7 @@ STANDARD_TYPES = frozenset(
         "review_written",
         "referral_made",
         "social_share",
+        "birthday",
     }
 )
 CUSTOM_TYPE = re.compile(r"^x_[a-z0-9_]{1,60}$")

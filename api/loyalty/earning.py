@@ -1,0 +1,285 @@
+"""Earning on ingest: the touchpoints a batch stored earn points, and refunds take them back, in
+the batch's transaction.
+
+Only touchpoints that were newly stored come here (a re-sent event id never does), and a
+purchase earns under the key ``earn:order:<order_id>``, so an order re-sent with another event id
+earns nothing more. Earning needs a known customer: the touchpoint's ``customer_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from api.db import TenantConn
+from api.loyalty import ledger, tiers
+from api.loyalty.ledger import Account, Source
+from api.loyalty.program import Program, SpendRule, current_program, expires_at, period_starts
+from api.touchpoints.schemas import Order, TouchpointIn
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A touchpoint the batch stored, with its profile and corrected time."""
+
+    ref: int
+    item: TouchpointIn
+    occurred_at: datetime
+
+
+def spend_points(rule: SpendRule, order: Order) -> int:
+    """Points for an order's eligible spend, before tier multiplier and caps."""
+    if order.currency != rule.currency:
+        return 0
+    eligible = order.amount
+    if rule.exclude_shipping:
+        eligible -= order.shipping
+    if rule.exclude_marked_items:
+        eligible -= sum(i.unit_price * i.quantity for i in order.items if i.excluded)
+    numerator, denominator = max(0, eligible) * rule.points, rule.per_minor_units
+    if rule.rounding == "floor":
+        return numerator // denominator
+    if rule.rounding == "ceil":
+        return -(-numerator // denominator)
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def _earns(program: Program, item: TouchpointIn) -> bool:
+    if item.customer_id is None:
+        return False
+    if item.type in ("purchase", "refund"):
+        return item.order is not None
+    return item.type in program.actions
+
+
+async def on_ingest(conn: TenantConn, schema: str, stored: Sequence[Stored], now: datetime) -> None:
+    """Earn and reverse points for what a batch stored."""
+    program = await current_program(conn, schema)
+    if not program.enabled:
+        return
+    earning = sorted((s for s in stored if _earns(program, s.item)), key=lambda s: s.occurred_at)
+    if not earning:
+        return
+    accounts = await ledger.lock_accounts(conn, (s.ref for s in earning))
+    order_keys = [_order_key(s.item) for s in earning if s.item.type == "purchase" and s.item.order]
+    done = await ledger.seen(conn, order_keys)
+    caps = await _cap_room(conn, program, accounts.keys(), now)
+    for s in earning:
+        account = accounts[s.ref]
+        if s.item.type == "refund":
+            await ledger.settle(conn, account, now)
+            await refund(conn, account, program, s, now)
+            continue
+        if s.item.type == "purchase":
+            key = _order_key(s.item)
+            if key in done:
+                continue
+            done.add(key)
+            assert s.item.order is not None
+            base = spend_points(program.spend, s.item.order)
+        else:
+            key, base = f"earn:event:{s.item.id}", program.actions[s.item.type]
+        points = base * tiers.multiplier_percent(program, account.tier) // 100
+        if caps is not None:
+            points = min(points, caps[s.ref])
+            caps[s.ref] -= points
+        if points > 0:
+            await _earn(conn, account, program, s, points, key, now)
+    if program.tiers.levels:
+        values = await tiers.window_values(conn, program, accounts.keys(), now)
+        for ref, account in accounts.items():
+            tiers.upgrade(account, program, values[ref] + _unsaved_earned(account), now)
+    await ledger.save(conn, accounts.values())
+
+
+def _order_key(item: TouchpointIn) -> str:
+    assert item.order is not None
+    return f"earn:order:{item.order.order_id}"
+
+
+def _unsaved_earned(account: Account) -> int:
+    """Points earned (less reversed) by entries not yet written: index 4 is the lifetime delta."""
+    return sum(entry[4] for entry in account.entries)
+
+
+async def _earn(
+    conn: TenantConn,
+    account: Account,
+    program: Program,
+    s: Stored,
+    points: int,
+    key: str,
+    now: datetime,
+) -> None:
+    is_purchase = s.item.type == "purchase"
+    order_id = s.item.order.order_id if is_purchase and s.item.order else None
+    await ledger.add_lot(
+        conn,
+        account,
+        points,
+        kind="earn",
+        source=Source(
+            reason=f"{s.item.type} earned points",
+            event_id=s.item.id,
+            order_id=order_id,
+            dedupe_key=key,
+        ),
+        at=s.occurred_at,
+        now=now,
+        activates_at=s.occurred_at + timedelta(days=program.pending_days if is_purchase else 0),
+        expires_at=expires_at(program, s.occurred_at),
+        lifetime=True,
+    )
+    ledger.emit(
+        account,
+        "loyalty.points_earned",
+        {"points": points, "event_id": s.item.id, "order_id": order_id},
+        s.occurred_at,
+    )
+
+
+async def _cap_room(
+    conn: TenantConn, program: Program, refs: Iterable[int], now: datetime
+) -> dict[int, int] | None:
+    """How many more points each customer may earn now under the caps (None: no caps)."""
+    caps = program.caps
+    limits = (caps.per_day, caps.per_month, caps.per_year)
+    if all(limit is None for limit in limits):
+        return None
+    day, month, year = period_starts(program, now)
+    ref_list = list(refs)
+    rows = await conn.fetch(
+        "SELECT customer_ref,"
+        " coalesce(sum(lifetime_delta) FILTER (WHERE occurred_at >= $2), 0) AS day,"
+        " coalesce(sum(lifetime_delta) FILTER (WHERE occurred_at >= $3), 0) AS month,"
+        " coalesce(sum(lifetime_delta), 0) AS year"
+        " FROM loyalty_entries WHERE customer_ref = ANY($1::bigint[]) AND kind = 'earn'"
+        " AND occurred_at >= $4 GROUP BY customer_ref",
+        ref_list,
+        day,
+        month,
+        year,
+    )
+    earned = {row["customer_ref"]: (row["day"], row["month"], row["year"]) for row in rows}
+    room = {}
+    for ref in ref_list:
+        so_far = earned.get(ref, (0, 0, 0))
+        pairs = zip(limits, so_far, strict=True)
+        left = [limit - used for limit, used in pairs if limit is not None]
+        room[ref] = max(0, min(left))
+    return room
+
+
+async def refund(
+    conn: TenantConn, account: Account, program: Program, s: Stored, now: datetime
+) -> None:
+    """Take back the refunded share of the order's points (as the policy allows) and give back
+    the same share of any points that paid for it; each refund event counts once, and shares
+    add up to exactly the whole when the whole order is refunded."""
+    order = s.item.order
+    assert order is not None
+    purchase_amount = await conn.fetchval(
+        "SELECT amount FROM touchpoints WHERE order_id = $1 AND type = 'purchase'"
+        " AND customer_ref = $2 ORDER BY id LIMIT 1",
+        order.order_id,
+        account.ref,
+    )
+    if not purchase_amount:
+        return
+    before = await conn.fetchrow(
+        "SELECT coalesce(sum(amount), 0) AS amount, coalesce(sum(share), 0) AS share"
+        " FROM loyalty_refunds WHERE order_id = $1 AND customer_ref = $2",
+        order.order_id,
+        account.ref,
+    )
+    assert before is not None
+    refunded = before["amount"] + order.amount
+
+    def share_of(whole: int) -> int:
+        return whole if refunded >= purchase_amount else whole * refunded // purchase_amount
+
+    earned = await conn.fetchval(
+        "SELECT coalesce(sum(lifetime_delta), 0) FROM loyalty_entries"
+        " WHERE kind = 'earn' AND order_id = $1 AND customer_ref = $2",
+        order.order_id,
+        account.ref,
+    )
+    share = max(0, share_of(earned) - before["share"])
+    source = Source(
+        reason="order refunded",
+        event_id=s.item.id,
+        order_id=order.order_id,
+        dedupe_key=f"reverse:event:{s.item.id}",
+    )
+    reversed_points = 0
+    if share:
+        reversed_points = await ledger.take_back_order(
+            conn,
+            account,
+            share,
+            order_id=order.order_id,
+            policy=program.refund_policy,
+            source=source,
+            at=s.occurred_at,
+        )
+    restored = await _give_back_redemptions(conn, account, program, s, share_of, now)
+    await conn.execute(
+        "INSERT INTO loyalty_refunds (event_id, customer_ref, order_id, amount, share, reversed,"
+        " restored, occurred_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        s.item.id,
+        account.ref,
+        order.order_id,
+        order.amount,
+        share,
+        reversed_points,
+        restored,
+        s.occurred_at,
+    )
+
+
+async def _give_back_redemptions(
+    conn: TenantConn,
+    account: Account,
+    program: Program,
+    s: Stored,
+    share_of: Callable[[int], int],
+    now: datetime,
+) -> int:
+    """Points that paid for the refunded order come back (the refunded share), exactly once."""
+    assert s.item.order is not None
+    rows = await conn.fetch(
+        "SELECT id, points, restored FROM loyalty_redemptions"
+        " WHERE reference = $1 AND customer_ref = $2 ORDER BY created_at, id",
+        s.item.order.order_id,
+        account.ref,
+    )
+    total = 0
+    for row in rows:
+        give = share_of(row["points"]) - row["restored"]
+        if give <= 0:
+            continue
+        await conn.execute(
+            "UPDATE loyalty_redemptions SET restored = restored + $2 WHERE id = $1",
+            row["id"],
+            give,
+        )
+        await ledger.add_lot(
+            conn,
+            account,
+            give,
+            kind="reverse",
+            source=Source(
+                reason="points that paid for a refunded order given back",
+                event_id=s.item.id,
+                order_id=s.item.order.order_id,
+                redemption_id=row["id"],
+            ),
+            at=s.occurred_at,
+            now=now,
+            activates_at=now,
+            expires_at=expires_at(program, now),
+            lifetime=False,
+        )
+        total += give
+    return total

@@ -1,0 +1,452 @@
+"""The points ledger: every change is an entry; balances are the sums of the entries.
+
+All writes for one customer happen under that customer's ``loyalty_accounts`` row lock, taken by
+:func:`lock_accounts` at the start of the shop transaction (in customer order, so two writers
+never deadlock). Under the lock the account is read once, every operation below changes it in
+memory and appends entries that carry the balances after them, and :func:`save` writes it back.
+So parallel redemptions queue on the row and never overspend, and a failure midway rolls the
+whole transaction back.
+
+Points are held in lots with their own activation and expiry. available = the active lots'
+remaining points - debt; pending = the pending lots' remaining points. Spending takes the
+earliest-expiring lots first; the expiry job expires only what is left of a lot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from api.db import TenantConn
+
+Kind = Literal["earn", "activate", "redeem", "expire", "reverse", "adjust"]
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass
+class Account:
+    ref: int
+    customer_id: str | None
+    available: int
+    pending: int
+    lifetime_earned: int
+    debt: int
+    tier: str | None
+    tier_since: datetime | None
+    tier_review_at: datetime | None
+    #: Entries and events appended in this transaction, written by :func:`save`.
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[tuple[str, dict[str, Any], datetime]] = field(default_factory=list)
+    #: (from, to, reason, when)
+    tier_changes: list[tuple[str | None, str | None, str, datetime]] = field(default_factory=list)
+    changed: bool = False
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an entry is put down to; each field is optional."""
+
+    reason: str
+    event_id: str | None = None
+    order_id: str | None = None
+    redemption_id: str | None = None
+    actor: str | None = None
+    #: Makes the write happen once whatever is re-sent (``earn:order:<id>`` …).
+    dedupe_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Lot:
+    id: int
+    remaining: int
+    expires_at: datetime | None
+
+
+_ACCOUNT_COLUMNS = (
+    "a.customer_ref, c.customer_id, a.available, a.pending, a.lifetime_earned, a.debt, a.tier,"
+    " a.tier_since, a.tier_review_at"
+)
+
+
+async def lock_accounts(conn: TenantConn, refs: Iterable[int]) -> dict[int, Account]:
+    """Each customer's account, created if new, locked until the transaction ends."""
+    ordered = sorted(set(refs))
+    if not ordered:
+        return {}
+    await conn.execute(
+        "INSERT INTO loyalty_accounts (customer_ref) SELECT unnest($1::bigint[])"
+        " ON CONFLICT DO NOTHING",
+        ordered,
+    )
+    rows = await conn.fetch(
+        f"SELECT {_ACCOUNT_COLUMNS} FROM loyalty_accounts a JOIN customers c"
+        " ON c.id = a.customer_ref WHERE a.customer_ref = ANY($1::bigint[])"
+        " ORDER BY a.customer_ref FOR UPDATE OF a",
+        ordered,
+    )
+    return {
+        row["customer_ref"]: Account(
+            ref=row["customer_ref"],
+            customer_id=row["customer_id"],
+            available=row["available"],
+            pending=row["pending"],
+            lifetime_earned=row["lifetime_earned"],
+            debt=row["debt"],
+            tier=row["tier"],
+            tier_since=row["tier_since"],
+            tier_review_at=row["tier_review_at"],
+        )
+        for row in rows
+    }
+
+
+async def lock_account(conn: TenantConn, ref: int) -> Account:
+    return (await lock_accounts(conn, [ref]))[ref]
+
+
+def append(
+    account: Account,
+    kind: Kind,
+    source: Source,
+    at: datetime,
+    *,
+    available: int = 0,
+    pending: int = 0,
+    lifetime: int = 0,
+    lot_id: int | None = None,
+) -> None:
+    """Apply the deltas to the account and queue the entry that records them."""
+    account.available += available
+    account.pending += pending
+    account.lifetime_earned += lifetime
+    account.changed = True
+    account.entries.append(
+        (
+            account.ref,
+            kind,
+            available,
+            pending,
+            lifetime,
+            account.available,
+            account.pending,
+            account.lifetime_earned,
+            source.reason,
+            source.event_id,
+            source.order_id,
+            source.redemption_id,
+            source.actor,
+            lot_id,
+            at,
+            source.dedupe_key,
+        )
+    )
+
+
+def emit(account: Account, event_type: str, payload: dict[str, Any], at: datetime) -> None:
+    """Queue a domain event, written to the outbox with the entries."""
+    account.events.append((event_type, {"customer_id": account.customer_id, **payload}, at))
+
+
+async def save(conn: TenantConn, accounts: Iterable[Account]) -> None:
+    """Write the queued entries, events and the accounts' new balances."""
+    changed = [a for a in accounts if a.changed]
+    if not changed:
+        return
+    entries = [entry for a in changed for entry in a.entries]
+    if entries:
+        await conn.executemany(
+            """
+            INSERT INTO loyalty_entries (customer_ref, kind, available_delta, pending_delta,
+                lifetime_delta, available_after, pending_after, lifetime_after, reason, event_id,
+                order_id, redemption_id, actor, lot_id, occurred_at, dedupe_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            """,
+            entries,
+        )
+    events = [(t, a.ref, _encode(p).decode(), at) for a in changed for t, p, at in a.events]
+    if events:
+        await conn.executemany(
+            "INSERT INTO outbox (type, customer_ref, payload, occurred_at)"
+            " VALUES ($1, $2, $3::text::jsonb, $4)",
+            events,
+        )
+    changes = [(a.ref, *change) for a in changed for change in a.tier_changes]
+    if changes:
+        await conn.executemany(
+            "INSERT INTO loyalty_tier_changes (customer_ref, from_tier, to_tier, reason,"
+            " occurred_at) VALUES ($1, $2, $3, $4, $5)",
+            changes,
+        )
+    await conn.execute(
+        """
+        UPDATE loyalty_accounts a SET available = u.available, pending = u.pending,
+            lifetime_earned = u.lifetime, debt = u.debt, tier = u.tier, tier_since = u.tier_since,
+            tier_review_at = u.review, updated_at = now()
+        FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+            $6::text[], $7::timestamptz[], $8::timestamptz[])
+            AS u(ref, available, pending, lifetime, debt, tier, tier_since, review)
+        WHERE a.customer_ref = u.ref
+        """,
+        [a.ref for a in changed],
+        [a.available for a in changed],
+        [a.pending for a in changed],
+        [a.lifetime_earned for a in changed],
+        [a.debt for a in changed],
+        [a.tier for a in changed],
+        [a.tier_since for a in changed],
+        [a.tier_review_at for a in changed],
+    )
+    for account in changed:
+        account.entries.clear()
+        account.events.clear()
+        account.tier_changes.clear()
+        account.changed = False
+
+
+async def seen(conn: TenantConn, dedupe_keys: Sequence[str]) -> set[str]:
+    """Which of these writes happened before."""
+    if not dedupe_keys:
+        return set()
+    rows = await conn.fetch(
+        "SELECT dedupe_key FROM loyalty_entries WHERE dedupe_key = ANY($1::text[])",
+        list(dedupe_keys),
+    )
+    return {row["dedupe_key"] for row in rows}
+
+
+# --- the operations -----------------------------------------------------------------------------
+
+
+async def add_lot(
+    conn: TenantConn,
+    account: Account,
+    points: int,
+    *,
+    kind: Kind,
+    source: Source,
+    at: datetime,
+    now: datetime,
+    activates_at: datetime,
+    expires_at: datetime | None,
+    lifetime: bool,
+) -> int:
+    """New points dated ``at``: a lot, pending until ``activates_at`` or active at once when
+    that has passed by ``now`` (paying off debt first). ``lifetime`` counts them as earned (an
+    earning, not a give-back or a gift)."""
+    active = activates_at <= now
+    paid = min(account.debt, points) if active else 0
+    lot_id: int = await conn.fetchval(
+        "INSERT INTO loyalty_lots (customer_ref, points, remaining, state, order_id, earned_at,"
+        " activates_at, expires_at, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        " RETURNING id",
+        account.ref,
+        points,
+        points - paid,
+        "active" if active else "pending",
+        source.order_id,
+        at,
+        activates_at,
+        expires_at,
+        source.dedupe_key,
+    )
+    account.debt -= paid
+    append(
+        account,
+        kind,
+        source,
+        at,
+        available=points if active else 0,
+        pending=0 if active else points,
+        lifetime=points if lifetime else 0,
+        lot_id=lot_id,
+    )
+    return lot_id
+
+
+async def settle(conn: TenantConn, account: Account, now: datetime) -> None:
+    """Activate the pending lots whose time has come, then expire the active lots whose time has
+    passed: what the jobs do, done first by any write so it never spends an expired point."""
+    due = await conn.fetch(
+        "SELECT id, remaining, state, activates_at, expires_at FROM loyalty_lots"
+        " WHERE customer_ref = $1 AND remaining > 0"
+        " AND ((state = 'pending' AND activates_at <= $2)"
+        "      OR (expires_at IS NOT NULL AND expires_at <= $2))"
+        " ORDER BY activates_at, id",
+        account.ref,
+        now,
+    )
+    for lot in due:
+        remaining = lot["remaining"]
+        if lot["state"] == "pending":
+            remaining = await _activate(conn, account, lot["id"], remaining, lot["activates_at"])
+        expires_at = lot["expires_at"]
+        if expires_at is not None and expires_at <= now and remaining > 0:
+            await conn.execute("UPDATE loyalty_lots SET remaining = 0 WHERE id = $1", lot["id"])
+            append(
+                account,
+                "expire",
+                Source(reason="points expired"),
+                expires_at,
+                available=-remaining,
+                lot_id=lot["id"],
+            )
+
+
+async def _activate(
+    conn: TenantConn, account: Account, lot_id: int, points: int, at: datetime
+) -> int:
+    """A pending lot becomes spendable (paying off debt first); returns what is left in it."""
+    paid = min(account.debt, points)
+    account.debt -= paid
+    await conn.execute(
+        "UPDATE loyalty_lots SET state = 'active', remaining = $2 WHERE id = $1",
+        lot_id,
+        points - paid,
+    )
+    append(
+        account,
+        "activate",
+        Source(reason="return window passed"),
+        at,
+        available=points,
+        pending=-points,
+        lot_id=lot_id,
+    )
+    return points - paid
+
+
+async def take(
+    conn: TenantConn, account: Account, points: int, kind: Kind, source: Source, at: datetime
+) -> None:
+    """Spend ``points`` of the available balance, earliest-expiring lots first. The caller has
+    checked that the balance covers it."""
+    assert 0 < points <= account.available
+    await _take_from_lots(conn, account.ref, points)
+    append(account, kind, source, at, available=-points)
+
+
+async def _spendable_lots(conn: TenantConn, ref: int) -> list[Lot]:
+    rows = await conn.fetch(
+        "SELECT id, remaining, expires_at FROM loyalty_lots"
+        " WHERE customer_ref = $1 AND state = 'active' AND remaining > 0"
+        " ORDER BY expires_at NULLS LAST, id",
+        ref,
+    )
+    return [Lot(row["id"], row["remaining"], row["expires_at"]) for row in rows]
+
+
+async def take_back_order(
+    conn: TenantConn,
+    account: Account,
+    points: int,
+    *,
+    order_id: str,
+    policy: str,
+    source: Source,
+    at: datetime,
+) -> int:
+    """Reverse up to ``points`` earned on ``order_id`` after a refund, as the programme's
+    policy allows; returns how many were reversed.
+
+    The order's own lots go first, pending before active. ``pending_only`` stops there (and
+    takes only pending points); ``within_balance`` then takes from the other active lots, never
+    below zero; ``allow_negative`` books whatever is still owed as debt.
+    """
+    lots = await conn.fetch(
+        "SELECT id, remaining, state FROM loyalty_lots"
+        " WHERE order_id = $1 AND customer_ref = $2 AND remaining > 0"
+        " ORDER BY state DESC, id",  # 'pending' sorts after 'active': DESC puts it first
+        order_id,
+        account.ref,
+    )
+    left = points
+    from_pending = from_available = 0
+    for lot in lots:
+        if left == 0:
+            break
+        if lot["state"] == "active" and policy == "pending_only":
+            continue
+        used = min(left, lot["remaining"])
+        await conn.execute(
+            "UPDATE loyalty_lots SET remaining = remaining - $2 WHERE id = $1", lot["id"], used
+        )
+        left -= used
+        if lot["state"] == "pending":
+            from_pending += used
+        else:
+            from_available += used
+    if left > 0 and policy != "pending_only":
+        others = min(left, max(0, account.available - from_available))
+        if others > 0:
+            await _take_from_lots(conn, account.ref, others)
+            from_available += others
+            left -= others
+        if left > 0 and policy == "allow_negative":
+            account.debt += left
+            from_available += left
+            left = 0
+    reversed_points = from_pending + from_available
+    if reversed_points:
+        append(
+            account,
+            "reverse",
+            source,
+            at,
+            available=-from_available,
+            pending=-from_pending,
+            lifetime=-reversed_points,
+        )
+    return reversed_points
+
+
+async def _take_from_lots(conn: TenantConn, ref: int, points: int) -> None:
+    left = points
+    for lot in await _spendable_lots(conn, ref):
+        used = min(left, lot.remaining)
+        await conn.execute(
+            "UPDATE loyalty_lots SET remaining = remaining - $2 WHERE id = $1", lot.id, used
+        )
+        left -= used
+        if left == 0:
+            return
+
+
+_MOVED_TABLES = (
+    "loyalty_lots",
+    "loyalty_entries",
+    "loyalty_redemptions",
+    "loyalty_refunds",
+    "loyalty_tier_changes",
+    "outbox",
+)
+
+
+async def merge_accounts(conn: TenantConn, absorbed: int, survivor: int) -> None:
+    """A profile merge: the absorbed customer's lots, entries and redemptions move to the
+    survivor, whose balances add up both, so each still equals the sum of its entries."""
+    has_points = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM loyalty_accounts WHERE customer_ref = $1)", absorbed
+    )
+    if not has_points:
+        return
+    accounts = await lock_accounts(conn, [absorbed, survivor])
+    for table in _MOVED_TABLES:
+        await conn.execute(
+            f"UPDATE {table} SET customer_ref = $2 WHERE customer_ref = $1", absorbed, survivor
+        )
+    gone, kept = accounts[absorbed], accounts[survivor]
+    kept.available += gone.available
+    kept.pending += gone.pending
+    kept.lifetime_earned += gone.lifetime_earned
+    kept.debt += gone.debt
+    if kept.tier is None:
+        kept.tier, kept.tier_since = gone.tier, gone.tier_since
+        kept.tier_review_at = gone.tier_review_at
+    gone.available = gone.pending = gone.lifetime_earned = gone.debt = 0
+    gone.tier = gone.tier_since = gone.tier_review_at = None
+    kept.changed = gone.changed = True
+    await save(conn, [kept, gone])
