@@ -116,6 +116,14 @@ def test_stages_only_move_forward_and_drift_sits_on_top() -> None:
             {"stages": {"loyalty": {"spend": {"currency": "euro", "at_least": 1}}}},
             "$.stages.loyalty.spend.currency",
         ),
+        (
+            {"stages": {"loyalty": {"loyalty_tier": {"in": []}}}},
+            "$.stages.loyalty.loyalty_tier.in",
+        ),
+        (
+            {"stages": {"loyalty": {"loyalty_tier": {"in": ["Gold!"]}}}},
+            "$.stages.loyalty.loyalty_tier.in[0]",
+        ),
     ],
 )
 def test_a_bad_rule_names_its_path(rules: dict[str, Any], path: str) -> None:
@@ -142,6 +150,7 @@ CUSTOM = {
                 {"days_since_purchase": {"at_least": 3, "at_most": 60}},
             ]
         },
+        "advocacy": {"loyalty_tier": {"in": ["silver", "gold"]}},
     },
     "drift": {"at_risk_after_days": 45, "lapsed_after_days": 120},
 }
@@ -171,6 +180,7 @@ async def test_python_and_sql_evaluate_the_same(
                     if orders
                     else None
                 ),
+                loyalty_tier=chance.choice([None, "bronze", "silver", "gold"]),
             )
         )
     async with tenant_tx(db, shop) as conn:
@@ -179,14 +189,15 @@ async def test_python_and_sql_evaluate_the_same(
             refs.append(
                 await conn.fetchval(
                     "INSERT INTO customers (counts_by_type, counts_by_channel, order_count,"
-                    " revenue, last_seen_at, last_purchase_at) VALUES ($1, $2, $3, $4, $5, $6)"
-                    " RETURNING id",
+                    " revenue, last_seen_at, last_purchase_at, loyalty_tier)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
                     p.counts_by_type,
                     p.counts_by_channel,
                     p.order_count,
                     p.revenue,
                     p.last_seen_at,
                     p.last_purchase_at,
+                    p.loyalty_tier,
                 )
             )
         now_sql = "$1::timestamptz"

@@ -57,6 +57,15 @@ class Spend(msgspec.Struct, forbid_unknown_fields=True):
     at_least: Count
 
 
+class LoyaltyTier(msgspec.Struct, forbid_unknown_fields=True):
+    """The customer's loyalty tier is one of these (names from the loyalty programme)."""
+
+    in_: Annotated[
+        list[Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*$", max_length=40)]],
+        msgspec.Meta(min_length=1, max_length=10),
+    ] = msgspec.field(name="in")
+
+
 class Condition(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Exactly one of these keys."""
 
@@ -65,6 +74,7 @@ class Condition(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     spend: Spend | None = None
     days_since_last_seen: Between | None = None
     days_since_purchase: Between | None = None
+    loyalty_tier: LoyaltyTier | None = None
     all: list[Condition] | None = None
     any: list[Condition] | None = None
 
@@ -212,6 +222,7 @@ class Aggregates:
     revenue: dict[str, int]
     last_seen_at: datetime | None
     last_purchase_at: datetime | None
+    loyalty_tier: str | None = None
 
 
 def holds(condition: Condition, profile: Aggregates, now: datetime) -> bool:
@@ -232,6 +243,8 @@ def holds(condition: Condition, profile: Aggregates, now: datetime) -> bool:
         return _days_between(profile.last_seen_at, now, condition.days_since_last_seen)
     if condition.days_since_purchase is not None:
         return _days_between(profile.last_purchase_at, now, condition.days_since_purchase)
+    if condition.loyalty_tier is not None:
+        return profile.loyalty_tier in condition.loyalty_tier.in_
     return False
 
 
@@ -329,6 +342,9 @@ def condition_sql(condition: Condition, now: str = "now()") -> str:
         days = f"floor(extract(epoch FROM {now} - last_purchase_at) / 86400)"
         bounds = condition.days_since_purchase
         return f"(last_purchase_at IS NOT NULL AND {_between_sql(days, bounds)})"
+    if condition.loyalty_tier is not None:
+        tiers = ", ".join(_literal(name) for name in condition.loyalty_tier.in_)
+        return f"(loyalty_tier IN ({tiers}))"
     return "false"
 
 

@@ -41,6 +41,7 @@ PROFILE_COLUMNS = ", ".join(
         "revenue",
         "last_seen_at",
         "last_purchase_at",
+        "loyalty_tier",
     )
 )
 
@@ -77,6 +78,7 @@ def aggregates_of(row: asyncpg.Record) -> Aggregates:
         revenue=row["revenue"],
         last_seen_at=row["last_seen_at"],
         last_purchase_at=row["last_purchase_at"],
+        loyalty_tier=row["loyalty_tier"],
     )
 
 

@@ -181,15 +181,22 @@ async def save(conn: TenantConn, accounts: Iterable[Account]) -> None:
             " occurred_at) VALUES ($1, $2, $3, $4, $5)",
             changes,
         )
+    # The tier is copied to the profile too, where journey rules read it.
     await conn.execute(
         """
-        UPDATE loyalty_accounts a SET available = u.available, pending = u.pending,
-            lifetime_earned = u.lifetime, debt = u.debt, tier = u.tier, tier_since = u.tier_since,
-            tier_review_at = u.review, updated_at = now()
-        FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-            $6::text[], $7::timestamptz[], $8::timestamptz[])
-            AS u(ref, available, pending, lifetime, debt, tier, tier_since, review)
-        WHERE a.customer_ref = u.ref
+        WITH u AS (
+            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                $5::bigint[], $6::text[], $7::timestamptz[], $8::timestamptz[])
+                AS u(ref, available, pending, lifetime, debt, tier, tier_since, review)
+        ),
+        accounts AS (
+            UPDATE loyalty_accounts a SET available = u.available, pending = u.pending,
+                lifetime_earned = u.lifetime, debt = u.debt, tier = u.tier,
+                tier_since = u.tier_since, tier_review_at = u.review, updated_at = now()
+            FROM u WHERE a.customer_ref = u.ref
+        )
+        UPDATE customers c SET loyalty_tier = u.tier
+        FROM u WHERE c.id = u.ref AND c.loyalty_tier IS DISTINCT FROM u.tier
         """,
         [a.ref for a in changed],
         [a.available for a in changed],

@@ -130,15 +130,16 @@ async def record(
             await _assign_profiles(conn, candidates, resolved, all_ids)
             inserted = await _insert(conn, candidates, received_at)
             stored = [c for c in candidates if c.item.id in inserted]
-            profiles = await _update_profiles(conn, stored)
-            _, rules = await stages.current_rules(conn, schema)
-            await stages.advance_stages(conn, rules, profiles, _latest_events(stored), received_at)
+            # Points first: a tier reached now is on the profile when the stage is evaluated.
             await earning.on_ingest(
                 conn,
                 schema,
                 [earning.Stored(c.ref, c.item, c.occurred_at) for c in stored],
                 received_at,
             )
+            profiles = await _update_profiles(conn, stored)
+            _, rules = await stages.current_rules(conn, schema)
+            await stages.advance_stages(conn, rules, profiles, _latest_events(stored), received_at)
             for candidate in candidates:
                 validated.results[candidate.index] = ItemResult(
                     index=candidate.index,

@@ -1,3 +1,7 @@
+-- The customer's loyalty tier, copied from their account when it changes, so journey rules can
+-- use it from the profile like any other aggregate.
+ALTER TABLE customers ADD COLUMN loyalty_tier text;
+
 -- Loyalty: the programme's versions, one account per customer, lots of points, the ledger, and
 -- redemptions; plus the outbox that domain events are written to for webhooks to deliver.
 
