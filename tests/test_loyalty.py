@@ -8,14 +8,18 @@ ledger operations take ``now``.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from api.db import Database, tenant_tx
 from api.loyalty import jobs
+from api.loyalty.earning import spend_points
+from api.loyalty.program import Expiry, Program, SpendRule, add_months, expires_at
 from api.tenants.lifecycle import ProvisionedShop
+from api.touchpoints.schemas import Order, OrderItem
 from tests.conftest import ProvisionFactory, bearer
 from tests.test_touchpoints import NOW, iso, send, touchpoint
 
@@ -180,3 +184,352 @@ async def test_a_purchase_earns_pending_points_that_activate_after_the_return_wi
         0,
     )
     await invariant_holds(db, shop)
+
+
+async def balance(db: Database, shop: ProvisionedShop, customer_id: str) -> tuple[int, int, int]:
+    """(available, pending, lifetime earned) as stored, without settling anything."""
+    async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
+        row = await conn.fetchrow(
+            "SELECT a.available, a.pending, a.lifetime_earned FROM loyalty_accounts a"
+            " JOIN identities i ON i.customer_ref = a.customer_ref"
+            " WHERE i.kind = 'customer_id' AND i.value = $1",
+            customer_id,
+        )
+    return (row["available"], row["pending"], row["lifetime_earned"]) if row else (0, 0, 0)
+
+
+async def outbox(db: Database, shop: ProvisionedShop, type_: str) -> list[dict[str, Any]]:
+    async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
+        rows = await conn.fetch("SELECT payload FROM outbox WHERE type = $1 ORDER BY id", type_)
+    return [row["payload"] for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("rounding", "amount", "points"),
+    [("floor", 1999, 19), ("half_up", 1950, 20), ("half_up", 1949, 19), ("ceil", 1901, 20)],
+)
+def test_spend_rounding_is_stated_and_exact(rounding: str, amount: int, points: int) -> None:
+    rule = SpendRule(rounding=rounding)  # type: ignore[arg-type]
+    assert spend_points(rule, Order(order_id="o", amount=amount, currency="EUR")) == points
+
+
+def test_shipping_excluded_items_and_other_currencies_do_not_earn() -> None:
+    order = Order(
+        order_id="o",
+        amount=10_000,
+        currency="EUR",
+        shipping=500,
+        items=[
+            OrderItem(product_id="gift-card", unit_price=1_000, quantity=2, excluded=True),
+            OrderItem(product_id="shoe", unit_price=6_500),
+        ],
+    )
+    assert spend_points(SpendRule(), order) == 75
+    everything = SpendRule(exclude_shipping=False, exclude_marked_items=False)
+    assert spend_points(everything, order) == 100
+    assert spend_points(SpendRule(currency="USD"), order) == 0
+    assert spend_points(SpendRule(points=3, per_minor_units=1000), order) == 22
+
+
+async def test_an_order_earns_once_whatever_is_resent(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    first = purchase("bo", "o-1", 5_000, NOW - DAY, event_id="e-1")
+    await send(client, key, first)
+    await send(client, key, first)
+    # The same order under another event id, in one batch with a copy of itself.
+    again = purchase("bo", "o-1", 5_000, NOW - DAY, event_id="e-2")
+    await send(client, key, again, purchase("bo", "o-1", 5_000, NOW, event_id="e-3"))
+    assert await balance(db, shop, "bo") == (0, 50, 50)
+    assert [e["kind"] for e in await entries(client, key, "bo")] == ["earn"]
+    await invariant_holds(db, shop)
+
+
+async def test_actions_earn_spendable_points_and_need_a_known_customer(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, action("cy", "review_written"), action("cy", "account_created"))
+    await send(client, key, action("cy", "page_view"))  # earns nothing
+    anonymous = touchpoint(unique("anon"), type="review_written", anonymous_id="device-9")
+    await send(client, key, anonymous)
+    assert await balance(db, shop, "cy") == (150, 0, 150)
+    async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM loyalty_accounts") == 1
+    events = await outbox(db, shop, "loyalty.points_earned")
+    assert sorted(e["points"] for e in events) == [50, 100]
+    assert {e["customer_id"] for e in events} == {"cy"}
+
+
+async def test_a_shop_without_a_programme_earns_nothing(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await provision(unique("No programme"))
+    await send(client, shop.secret_key, purchase("di", "o-1", 5_000, NOW))
+    assert await balance(db, shop, "di") == (0, 0, 0)
+    body = await account(client, shop.secret_key, "di")
+    assert (body["available"], body["pending"], body["tier"]) == (0, 0, None)
+    config = await client.get("/v1/config/loyalty", headers=bearer(shop.secret_key))
+    assert config.status_code == 200
+    assert config.json()["version"] == 0
+    assert config.json()["program"]["enabled"] is False
+
+
+async def test_caps_limit_points_per_customer_per_day(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision, caps={"per_day": 120}, pending_days=0)
+    key = shop.secret_key
+    await send(client, key, purchase("ed", "o-1", 10_000, NOW))
+    await send(client, key, action("ed", "review_written"))
+    await send(client, key, action("ed", "review_written"))
+    assert await balance(db, shop, "ed") == (120, 0, 120)
+
+
+# --- expiry -----------------------------------------------------------------------------------
+
+
+def test_month_arithmetic_clamps_to_the_months_end() -> None:
+    assert add_months(date(2026, 1, 31), 1) == date(2026, 2, 28)
+    assert add_months(date(2028, 1, 31), 1) == date(2028, 2, 29)
+    assert add_months(date(2026, 11, 30), 3) == date(2027, 2, 28)
+    assert add_months(date(2026, 3, 15), 12) == date(2027, 3, 15)
+
+
+def test_expiry_is_the_midnight_after_the_last_day_in_the_programmes_zone() -> None:
+    earned = datetime(2026, 1, 31, 12, 0, tzinfo=UTC)
+    utc = Program(expiry=Expiry(months=1))
+    assert expires_at(utc, earned) == datetime(2026, 3, 1, tzinfo=UTC)
+    month_end = Program(expiry=Expiry(months=1, end_of_month=True))
+    assert expires_at(month_end, datetime(2026, 1, 10, tzinfo=UTC)) == datetime(
+        2026, 3, 1, tzinfo=UTC
+    )
+    amsterdam = Program(time_zone="Europe/Amsterdam", expiry=Expiry(months=1))
+    # 23:30 UTC on 31 January is already 1 February in Amsterdam.
+    late = datetime(2026, 1, 31, 23, 30, tzinfo=UTC)
+    assert expires_at(amsterdam, late) == datetime(2026, 3, 1, 23, 0, tzinfo=UTC)
+    assert expires_at(Program(expiry=Expiry(months=None)), earned) is None
+
+
+async def test_points_expire_at_the_first_second_after_their_last_day(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(
+        client, provision, time_zone="Europe/Amsterdam", expiry={"months": 1}, pending_days=0
+    )
+    key = shop.secret_key
+    earned = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
+    await send(client, key, purchase("fay", "o-1", 1_000, earned))
+    await send(client, key, action("fay", "review_written", earned + 20 * DAY))
+    last_second = datetime(2026, 2, 15, 22, 59, 59, tzinfo=UTC)  # 23:59:59 in Amsterdam
+    await run_jobs(db, shop, last_second)
+    assert await balance(db, shop, "fay") == (60, 0, 60)
+    await run_jobs(db, shop, last_second + timedelta(seconds=1))
+    assert await balance(db, shop, "fay") == (50, 0, 60)
+    expired = [e for e in await entries(client, key, "fay") if e["kind"] == "expire"]
+    assert [(e["available_delta"], e["occurred_at"]) for e in expired] == [
+        (-10, "2026-02-15T23:00:00Z")
+    ]
+    await run_jobs(db, shop, last_second + DAY)
+    assert len([e for e in await entries(client, key, "fay") if e["kind"] == "expire"]) == 1
+    await invariant_holds(db, shop)
+
+
+async def test_spending_takes_the_earliest_expiring_points_and_expiry_takes_only_the_rest(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision, expiry={"months": 1}, pending_days=0)
+    key = shop.secret_key
+    await send(client, key, action("gus", "review_written", NOW - 20 * DAY))  # expires first
+    await send(client, key, action("gus", "account_created", NOW - 2 * DAY))
+    assert (await redeem(client, key, "gus", 70)).status_code == 201
+    # 50 from the older lot, 20 from the newer: 80 left, all in the newer lot.
+    await run_jobs(db, shop, NOW + 15 * DAY)
+    assert await balance(db, shop, "gus") == (80, 0, 150)
+    await run_jobs(db, shop, NOW + 40 * DAY)
+    assert await balance(db, shop, "gus") == (0, 0, 150)
+    await invariant_holds(db, shop)
+
+
+async def test_an_expiry_warning_is_written_once_per_lot(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(
+        client, provision, expiry={"months": 2, "notify_days_before": 10}, pending_days=0
+    )
+    await send(client, shop.secret_key, action("hal", "review_written", NOW))
+    await run_jobs(db, shop, NOW + 30 * DAY)
+    assert await outbox(db, shop, "loyalty.points_expiring") == []
+    await run_jobs(db, shop, NOW + 55 * DAY)
+    await run_jobs(db, shop, NOW + 56 * DAY)
+    [warning] = await outbox(db, shop, "loyalty.points_expiring")
+    assert (warning["customer_id"], warning["points"]) == ("hal", 50)
+
+
+# --- refunds ----------------------------------------------------------------------------------
+
+
+async def test_a_partial_refund_reverses_its_share_and_the_rest_reverses_the_rest(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, purchase("ida", "o-1", 10_001, NOW - 2 * DAY))
+    assert await balance(db, shop, "ida") == (0, 100, 100)
+    await send(client, key, refund("ida", "o-1", 3_333, NOW - DAY))
+    # 3,333 of 10,001 is 33.3 % of 100 points: 33 reversed (rounded down).
+    assert await balance(db, shop, "ida") == (0, 67, 67)
+    await send(client, key, refund("ida", "o-1", 6_668, NOW))
+    assert await balance(db, shop, "ida") == (0, 0, 0)
+    await send(client, key, refund("ida", "o-1", 500, NOW))  # more than was paid: nothing left
+    reversals = [e for e in await entries(client, key, "ida") if e["kind"] == "reverse"]
+    assert [(e["pending_delta"], e["lifetime_delta"]) for e in reversals] == [
+        (-33, -33),
+        (-67, -67),
+    ]
+    assert all(e["order_id"] == "o-1" for e in reversals)
+    await invariant_holds(db, shop)
+
+
+@pytest.mark.parametrize(
+    ("policy", "after_refund", "after_next_review"),
+    [
+        ("pending_only", (20, 0, 100), (70, 0, 150)),
+        ("within_balance", (0, 0, 80), (50, 0, 130)),
+        ("allow_negative", (-80, 0, 0), (-30, 0, 50)),
+    ],
+)
+async def test_a_refund_of_spent_points_follows_the_programmes_policy(
+    client: httpx.AsyncClient,
+    provision: ProvisionFactory,
+    db: Database,
+    policy: str,
+    after_refund: tuple[int, int, int],
+    after_next_review: tuple[int, int, int],
+) -> None:
+    shop = await shop_with(client, provision, refund_policy=policy, pending_days=0)
+    key = shop.secret_key
+    await send(client, key, purchase("jo", "o-1", 10_000, NOW - DAY))
+    assert (await redeem(client, key, "jo", 80)).status_code == 201
+    await send(client, key, refund("jo", "o-1", 10_000, NOW))
+    assert await balance(db, shop, "jo") == after_refund
+    # Later points pay off a negative balance first.
+    await send(client, key, action("jo", "review_written"))
+    assert await balance(db, shop, "jo") == after_next_review
+    await invariant_holds(db, shop)
+
+
+async def test_points_that_paid_for_a_refunded_order_come_back_exactly_once(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, action("kim", "page_view", NOW - 2 * DAY))
+    assert (await adjust(client, key, "kim", 500)).status_code == 201
+    paid = await redeem(client, key, "kim", 300, reference="o-9")
+    assert paid.status_code == 201, paid.text
+    await send(client, key, purchase("kim", "o-9", 5_000, NOW - DAY))
+    assert await balance(db, shop, "kim") == (200, 50, 50)
+    await send(client, key, refund("kim", "o-9", 2_500, NOW))
+    assert await balance(db, shop, "kim") == (350, 25, 25)
+    await send(client, key, refund("kim", "o-9", 2_500, NOW))
+    await send(client, key, refund("kim", "o-9", 2_500, NOW))
+    assert await balance(db, shop, "kim") == (500, 0, 0)
+    given_back = [
+        e for e in await entries(client, key, "kim") if e["kind"] == "reverse" and e["points"] > 0
+    ]
+    assert [e["available_delta"] for e in given_back] == [150, 150]
+    assert {e["redemption_id"] for e in given_back} == {paid.json()["id"]}
+    await invariant_holds(db, shop)
+
+
+# --- tiers ------------------------------------------------------------------------------------
+
+TIERS = {
+    "levels": [
+        {"name": "bronze", "threshold": 0},
+        {"name": "silver", "threshold": 100, "multiplier_percent": 150},
+        {"name": "gold", "threshold": 400, "multiplier_percent": 200},
+    ],
+    "window_days": 365,
+    "review_after_days": 365,
+}
+
+
+async def test_tiers_go_up_at_once_and_multiply_later_earnings(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision, tiers=TIERS, pending_days=0)
+    key = shop.secret_key
+    await send(client, key, action("lou", "review_written"))
+    assert (await account(client, key, "lou"))["tier"]["name"] == "bronze"
+    await send(client, key, purchase("lou", "o-1", 10_000, NOW))
+    body = await account(client, key, "lou")
+    assert body["tier"] == {
+        "name": "silver",
+        "since": body["tier"]["since"],
+        "multiplier_percent": 150,
+        "review_at": body["tier"]["review_at"],
+        "basis": "points_earned",
+        "value": 150,
+        "next_tier": "gold",
+        "next_threshold": 400,
+        "remaining_to_next": 250,
+    }
+    await send(client, key, purchase("lou", "o-2", 10_000, NOW))
+    assert await balance(db, shop, "lou") == (300, 0, 300)  # 150 = 100 x 150 %
+    # Spending never lowers a tier.
+    assert (await redeem(client, key, "lou", 300)).status_code == 201
+    assert (await account(client, key, "lou"))["tier"]["name"] == "silver"
+    changes = await outbox(db, shop, "loyalty.tier_changed")
+    assert [(c["from"], c["to"]) for c in changes] == [(None, "bronze"), ("bronze", "silver")]
+
+
+@pytest.mark.parametrize(
+    ("downgrade", "tiers_after_reviews"),
+    [("one_step", ["silver", "bronze"]), ("to_qualified", ["bronze", "bronze"])],
+)
+async def test_tiers_go_down_only_at_review(
+    client: httpx.AsyncClient,
+    provision: ProvisionFactory,
+    db: Database,
+    downgrade: str,
+    tiers_after_reviews: list[str],
+) -> None:
+    shop = await shop_with(
+        client, provision, tiers={**TIERS, "downgrade": downgrade}, pending_days=0
+    )
+    key = shop.secret_key
+    await send(client, key, purchase("max", "o-1", 50_000, NOW))
+    assert (await account(client, key, "max"))["tier"]["name"] == "gold"
+    # Before the review date nothing changes, whatever the window says.
+    seen = []
+    for days in (364, 366, 2 * 366):
+        await run_jobs(db, shop, NOW + days * DAY)
+        async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
+            seen.append(await conn.fetchval("SELECT tier FROM loyalty_accounts"))
+    assert seen == ["gold", *tiers_after_reviews]
+
+
+async def test_a_tier_can_move_the_journey_stage_on_the_same_touchpoint(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision, tiers=TIERS, pending_days=0)
+    key = shop.secret_key
+    rules = {
+        "stages": {
+            "acquisition": {"orders": {"at_least": 1}},
+            "loyalty": {"loyalty_tier": {"in": ["gold"]}},
+        }
+    }
+    saved = await client.put("/v1/config/journey", json=rules, headers=bearer(key))
+    assert saved.status_code == 200, saved.text
+    await send(client, key, purchase("ned", "o-1", 10_000, NOW))
+    journey = await client.get("/v1/customers/ned/journey", headers=bearer(key))
+    assert journey.json()["stage"] == "acquisition"
+    await send(client, key, purchase("ned", "o-2", 40_000, NOW))
+    journey = await client.get("/v1/customers/ned/journey", headers=bearer(key))
+    assert journey.json()["stage"] == "loyalty"
