@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -210,9 +211,6 @@ def print_demo_shop(
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from granian import Granian
-    from granian.constants import Interfaces
-
     host = args.host or settings.host
     port = args.port or settings.port
     workers = args.workers or settings.workers
@@ -230,41 +228,82 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         # The workers are separate processes; they find the database through the environment.
         os.environ["SJAAK_DATABASE_URL"] = url
         os.environ["SJAAK_SECRET_KEY"] = resolve_secret_key(settings)
+        # Ctrl-C reaches both processes (one terminal, one process group); the worker stops itself
+        # and is waited for before the embedded server stops.
+        worker = start_worker_process() if args.with_worker else None
         print(
-            f"serving on http://{host}:{port} (API docs at http://{host}:{port}/schema)",
+            f"serving on http://{host}:{port} (API docs at http://{host}:{port}/schema)"
+            + (", background worker running" if worker else ""),
             file=sys.stderr,
             flush=True,
         )
-        Granian(
-            "api.asgi:app_from_env",
-            factory=True,
-            address=host,
-            port=port,
-            interface=Interfaces.ASGI,
-            workers=workers,
-            log_access=False,
-            workers_kill_timeout=30,
-            log_dictconfig=dict_config(settings.log_level),
-        ).serve()
+        try:
+            serve_http(settings, host, port, workers)
+        finally:
+            if worker is not None:
+                stop_worker_process(worker)
     return 0
+
+
+def serve_http(settings: Settings, host: str, port: int, workers: int) -> None:
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    Granian(
+        "api.asgi:app_from_env",
+        factory=True,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        workers=workers,
+        log_access=False,
+        workers_kill_timeout=30,
+        log_dictconfig=dict_config(settings.log_level),
+    ).serve()
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from api.worker import chores, run_worker
+    from api.db.queue import connect_queue_pool
+    from api.jobs import JobContext
+    from api.worker import run_worker
 
     keyring = Keyring.from_settings(settings)
 
-    async def work(db: Database) -> None:
-        await migrate(db)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await run_worker(chores(settings, db, keyring), stop)
-
     with database_url(settings) as url:
+
+        async def work(db: Database) -> None:
+            await migrate(db)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            pool = await connect_queue_pool(url)
+            try:
+                await run_worker(JobContext(settings, db, keyring), pool, stop)
+            finally:
+                await pool.close()
+
         run_with_db(settings, url, work)
     return 0
+
+
+def start_worker_process() -> subprocess.Popen[bytes]:
+    """``python -m api worker`` beside ``serve``; it finds the database through the environment
+    ``serve`` has set, so an embedded server is started once, by ``serve``."""
+    return subprocess.Popen([sys.executable, "-m", "api", "worker"])
+
+
+def stop_worker_process(worker: subprocess.Popen[bytes]) -> None:
+    """Ask the worker to stop (it finishes running jobs), and wait for it."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+    try:
+        code = worker.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        code = worker.wait()
+    if code not in (0, 130):
+        print(f"worker exited with status {code}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
+    serve.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="also run the background worker (`make run`), stopped together with the server",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     sub.add_parser("worker", help="run background jobs").set_defaults(handler=cmd_worker)

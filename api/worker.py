@@ -1,87 +1,142 @@
-"""The background worker: ``python -m api worker``.
+"""The background worker: ``python -m api worker``, on pgqueuer.
 
-For now it runs the platform's periodic chores; the job queue (webhook deliveries, meter events,
-points expiry …) joins it with the issues that need one. Every chore is idempotent and safe to run
-on several workers at once.
+It runs the jobs of :mod:`api.jobs`: the periodic ones on their cron schedules and the queued
+ones as they are enqueued. Any number of workers may run at once: a schedule's tick is claimed by
+one worker (``FOR UPDATE SKIP LOCKED`` on ``sjaak.pgqueuer_schedules``), and so is each queued job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from datetime import timedelta
 
-from api.auth.secrets import Keyring
-from api.auth.tokens import token_service
-from api.config import Settings
-from api.db import Database
-from api.journey.drift import apply_drift_all_shops
-from api.journey.rfm import recompute_rfm_all_shops
+import asyncpg
+from pgqueuer import PgQueuer
+from pgqueuer.adapters.drivers.asyncpg import AsyncpgPoolDriver
+from pgqueuer.adapters.persistence.qb import (
+    QueryBuilderEnvironment,
+    QueryQueueBuilder,
+    QuerySchedulerBuilder,
+)
+from pgqueuer.adapters.persistence.queries import Queries
+from pgqueuer.executors import DatabaseRetryEntrypointExecutor
+from pgqueuer.models import Channel, Job, Schedule
+
+from api.db.queue import QUEUE_NAMES
+from api.jobs import JobContext, PeriodicJob, QueuedJob, periodic_jobs, queued_jobs
 
 log = logging.getLogger("sjaak.worker")
 
-
-@dataclass
-class Chore:
-    name: str
-    every_seconds: float
-    run: Callable[[], Awaitable[int]]
-    next_run: float = field(default=0.0)
-
-
-async def prune_expired_credentials(db: Database) -> int:
-    """Delete what can no longer matter: revocation notices a day old whose tokens have expired,
-    refresh tokens and authorization codes expired a day ago. Returns rows deleted."""
-    async with db.control() as conn:
-        deleted = 0
-        for statement in (
-            "DELETE FROM sjaak.revocations WHERE created_at < now() - interval '1 day'"
-            " AND (expires_at IS NULL OR expires_at < now())",
-            "DELETE FROM sjaak.oauth_refresh_tokens WHERE expires_at < now() - interval '1 day'",
-            "DELETE FROM sjaak.oauth_authorization_codes"
-            " WHERE expires_at < now() - interval '1 day'",
-        ):
-            status = await conn.execute(statement)
-            deleted += int(status.rsplit(" ", 1)[-1])
-    return deleted
+# A schedule row is created due now, so a job never run before runs at the first worker start
+# instead of waiting for its first tick; pgqueuer's own insert (next tick) then finds it there.
+_SCHEDULE_DUE_NOW = f"""
+INSERT INTO {QUEUE_NAMES.qualified.schedules_table} (expression, entrypoint, next_run)
+SELECT expression, entrypoint, now()
+FROM unnest($1::text[], $2::text[]) AS s(expression, entrypoint)
+ON CONFLICT (entrypoint, expression) DO NOTHING
+"""
 
 
-def chores(settings: Settings, db: Database, keyring: Keyring) -> list[Chore]:
-    tokens = token_service(settings, db, keyring)
+def queue_for(
+    context: JobContext,
+    pool: asyncpg.Pool[asyncpg.Record],
+    periodic: Sequence[PeriodicJob],
+    queued: Sequence[QueuedJob],
+) -> PgQueuer:
+    """A pgqueuer application over ``pool`` with every job registered."""
+    queries = Queries(
+        AsyncpgPoolDriver(pool),
+        qbe=QueryBuilderEnvironment(QUEUE_NAMES),
+        qbq=QueryQueueBuilder(QUEUE_NAMES),
+        qbs=QuerySchedulerBuilder(QUEUE_NAMES),
+    )
+    queue = PgQueuer(queries.driver, channel=Channel(QUEUE_NAMES.channel), queries=queries)
+    for chore in periodic:
+        queue.schedule(chore.name, chore.cron, accepts_context=False)(
+            functools.partial(run_periodic, chore, context)
+        )
+    for job in queued:
+        queue.entrypoint(
+            job.entrypoint,
+            concurrency_limit=job.concurrency_limit,
+            accepts_context=False,
+            on_failure="hold",
+            executor_factory=functools.partial(
+                DatabaseRetryEntrypointExecutor, max_attempts=job.max_attempts
+            ),
+        )(functools.partial(run_queued, job, context))
+    return queue
 
-    async def rotate_signing_keys() -> int:
-        # Loading makes a new signing key when the newest one is due, so keys rotate on time
-        # even when no API worker happens to reload in that hour.
-        await tokens.load()
-        return 0
 
-    return [
-        Chore("prune-expired-credentials", 3600, lambda: prune_expired_credentials(db)),
-        Chore("rotate-signing-keys", 3600, rotate_signing_keys),
-        Chore("journey-drift", 3600, lambda: apply_drift_all_shops(db)),
-        Chore("rfm-recompute", 3600, lambda: recompute_rfm_all_shops(db)),
-    ]
+async def run_periodic(chore: PeriodicJob, context: JobContext, schedule: Schedule) -> None:
+    """One tick of a periodic job. A failure is logged, not raised: the tick is spent either way
+    and the job runs again at the next one."""
+    started = time.perf_counter()
+    try:
+        rows = await chore.run(context)
+    except Exception:
+        log.exception("job failed; it runs again at its next tick", extra={"job": chore.name})
+        return
+    seconds = round(time.perf_counter() - started, 3)
+    log.info("job done", extra={"job": chore.name, "rows": rows, "seconds": seconds})
+
+
+async def run_queued(job: QueuedJob, context: JobContext, queued: Job) -> None:
+    """One attempt at a queued job; pgqueuer's retry executor turns a failure into a retry."""
+    try:
+        await job.run(context, queued.payload)
+    except Exception:
+        log.warning(
+            "job failed; it is retried with backoff",
+            exc_info=True,
+            extra={"job": job.entrypoint, "job_id": queued.id, "attempt": queued.attempts + 1},
+        )
+        raise
+    log.info(
+        "job done",
+        extra={"job": job.entrypoint, "job_id": queued.id, "attempt": queued.attempts + 1},
+    )
 
 
 async def run_worker(
-    chore_list: list[Chore], stop: asyncio.Event, clock: Callable[[], float] = time.monotonic
+    context: JobContext,
+    pool: asyncpg.Pool[asyncpg.Record],
+    stop: asyncio.Event,
+    *,
+    periodic: Sequence[PeriodicJob] | None = None,
+    queued: Sequence[QueuedJob] | None = None,
+    dequeue_timeout: timedelta = timedelta(seconds=30),
 ) -> None:
-    """Run each chore when due until ``stop`` is set; a failing chore is logged, then retried."""
-    log.info("worker started", extra={"chores": [c.name for c in chore_list]})
-    while not stop.is_set():
-        for chore in chore_list:
-            if clock() < chore.next_run:
-                continue
-            try:
-                changed = await chore.run()
-                log.info("chore done", extra={"chore": chore.name, "rows": changed})
-            except Exception:
-                log.exception("chore failed; will retry", extra={"chore": chore.name})
-            chore.next_run = clock() + chore.every_seconds
-        wake = min(c.next_run for c in chore_list) - clock()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=max(0.0, wake))
+    """Run the jobs (by default every job in :mod:`api.jobs`) until ``stop`` is set, then let the
+    running ones finish. ``pool`` is a queue pool (:func:`api.db.queue.connect_queue_pool`)."""
+    periodic = periodic_jobs() if periodic is None else periodic
+    queued = queued_jobs() if queued is None else queued
+    queue = queue_for(context, pool, periodic, queued)
+    schedules = list(queue.sm.registry)
+    await queue.connection.execute(
+        _SCHEDULE_DUE_NOW,
+        [s.expression for s in schedules],
+        [s.entrypoint for s in schedules],
+    )
+
+    async def stop_on_request() -> None:
+        await stop.wait()
+        queue.shutdown.set()
+
+    log.info(
+        "worker started",
+        extra={
+            "periodic": {c.name: c.cron for c in periodic},
+            "queued": [j.entrypoint for j in queued],
+        },
+    )
+    stopper = asyncio.create_task(stop_on_request())
+    try:
+        await queue.run(dequeue_timeout=dequeue_timeout)
+    finally:
+        stopper.cancel()
     log.info("worker stopped")
