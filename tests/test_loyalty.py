@@ -21,6 +21,7 @@ from api.loyalty.program import Expiry, Program, SpendRule, add_months, expires_
 from api.tenants.lifecycle import ProvisionedShop
 from api.touchpoints.schemas import Order, OrderItem
 from tests.conftest import ProvisionFactory, bearer
+from tests.test_http import assert_problem
 from tests.test_touchpoints import NOW, iso, send, touchpoint
 
 DAY = timedelta(days=1)
@@ -533,3 +534,256 @@ async def test_a_tier_can_move_the_journey_stage_on_the_same_touchpoint(
     await send(client, key, purchase("ned", "o-2", 40_000, NOW))
     journey = await client.get("/v1/customers/ned/journey", headers=bearer(key))
     assert journey.json()["stage"] == "loyalty"
+
+
+# --- the programme ----------------------------------------------------------------------------
+
+
+def error_paths(body: dict[str, Any]) -> set[str]:
+    return {error["path"] for error in body["errors"]}
+
+
+@pytest.mark.parametrize(
+    ("program", "paths"),
+    [
+        ({"time_zone": "Mars/Olympus"}, {"$.time_zone"}),
+        (
+            {"actions": {"purchase": 10, "hug": 5, "x_birthday_card": 5}},
+            {
+                "$.actions.purchase",
+                "$.actions.hug",
+            },
+        ),
+        (
+            {
+                "tiers": {
+                    "levels": [
+                        {"name": "gold", "threshold": 10},
+                        {"name": "silver", "threshold": 5},
+                    ]
+                }
+            },
+            {"$.tiers.levels[1].threshold"},
+        ),
+        (
+            {
+                "tiers": {
+                    "levels": [{"name": "gold", "threshold": 1}, {"name": "gold", "threshold": 5}]
+                }
+            },
+            {"$.tiers.levels[1].name"},
+        ),
+        ({"spend": {"per_minor_units": 0}}, {"$.spend.per_minor_units"}),
+        ({"refund_policy": "never"}, {"$.refund_policy"}),
+        ({"pending_days": -1}, {"$.pending_days"}),
+        ({"expiry": {"months": 0}}, {"$.expiry.months"}),
+        ({"colour": "red"}, {"$"}),
+    ],
+)
+async def test_a_bad_programme_names_the_failing_fields_and_saves_nothing(
+    client: httpx.AsyncClient,
+    provision: ProvisionFactory,
+    program: dict[str, Any],
+    paths: set[str],
+) -> None:
+    shop = await provision(unique("Bad programme"))
+    response = await client.put("/v1/config/loyalty", json=program, headers=bearer(shop.secret_key))
+    body = assert_problem(response, 422, "validation")
+    assert error_paths(body) == paths
+    current = await client.get("/v1/config/loyalty", headers=bearer(shop.secret_key))
+    assert current.json()["version"] == 0
+
+
+async def test_programme_versions_and_who_may_change_them(
+    client: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    saved = await client.get("/v1/config/loyalty", headers=bearer(key))
+    assert saved.json()["version"] == 1
+    assert saved.json()["program"]["actions"] == PROGRAM["actions"]
+    assert saved.json()["program"]["spend"]["rounding"] == "floor"
+    again = await client.put(
+        "/v1/config/loyalty",
+        json={"pending_days": 0},
+        headers={**bearer(key), "Idempotency-Key": "p-1"},
+    )
+    replay = await client.put(
+        "/v1/config/loyalty",
+        json={"pending_days": 0},
+        headers={**bearer(key), "Idempotency-Key": "p-1"},
+    )
+    assert again.json()["version"] == replay.json()["version"] == 2
+    assert replay.headers["idempotency-replayed"] == "true"
+    reader = await restricted_key(client, shop, "loyalty:read")
+    denied = await client.put("/v1/config/loyalty", json={}, headers=bearer(reader))
+    assert_problem(denied, 403, "insufficient-scope")
+    assert (await client.get("/v1/config/loyalty", headers=bearer(reader))).status_code == 200
+    assert_problem(await client.get("/v1/config/loyalty"), 401, "unauthenticated")
+    publishable = await client.get("/v1/config/loyalty", headers=bearer(shop.publishable_key))
+    assert publishable.status_code == 403
+    malformed = await client.put("/v1/config/loyalty", content=b"{not json", headers=bearer(key))
+    assert_problem(malformed, 400, "malformed-body")
+
+
+# --- who may do what, and bad input -----------------------------------------------------------
+
+
+async def restricted_key(client: httpx.AsyncClient, shop: ProvisionedShop, *scopes: str) -> str:
+    response = await client.post(
+        "/v1/api-keys",
+        json={"kind": "restricted", "scopes": list(scopes)},
+        headers=bearer(shop.secret_key),
+    )
+    assert response.status_code == 201, response.text
+    key: str = response.json()["key"]
+    return key
+
+
+async def test_customer_loyalty_endpoints_check_credentials_and_scopes(
+    client: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    shop = await shop_with(client, provision)
+    await send(client, shop.secret_key, action("oli", "review_written"))
+    reader = await restricted_key(client, shop, "loyalty:read")
+    writer = await restricted_key(client, shop, "loyalty:write")
+    reads = [loyalty_url("oli"), loyalty_url("oli", "/transactions")]
+    for url in reads:
+        assert_problem(await client.get(url), 401, "unauthenticated")
+        assert_problem(await client.get(url, headers=bearer(writer)), 403, "insufficient-scope")
+        assert (await client.get(url, headers=bearer(reader))).status_code == 200
+        assert (await client.get(url, headers=bearer(shop.publishable_key))).status_code == 403
+    for suffix, body in (
+        ("/redemptions", {"points": 1, "reason": "r"}),
+        ("/adjustments", {"points": 1, "reason": "r"}),
+    ):
+        url = loyalty_url("oli", suffix)
+        assert_problem(await client.post(url, json=body), 401, "unauthenticated")
+        denied = await client.post(url, json=body, headers=bearer(reader))
+        assert_problem(denied, 403, "insufficient-scope")
+        assert (await client.post(url, json=body, headers=bearer(writer))).status_code == 201
+    analytics = "/v1/analytics/loyalty"
+    assert_problem(await client.get(analytics, headers=bearer(reader)), 403, "insufficient-scope")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "body", "path"),
+    [
+        ("/redemptions", {"points": 0, "reason": "r"}, "$.points"),
+        ("/redemptions", {"points": -5, "reason": "r"}, "$.points"),
+        ("/redemptions", {"points": 5, "reason": "   "}, "$.reason"),
+        ("/redemptions", {"points": 5}, "$"),
+        ("/redemptions", {"points": 5.5, "reason": "r"}, "$.points"),
+        ("/redemptions", {"points": 5, "reason": "r", "extra": 1}, "$"),
+        ("/adjustments", {"points": 0, "reason": "r"}, "$.points"),
+        ("/adjustments", {"points": 5, "reason": ""}, "$.reason"),
+        ("/adjustments", {"points": 10**10, "reason": "r"}, "$.points"),
+    ],
+)
+async def test_bad_ledger_writes_are_422s_naming_the_field(
+    client: httpx.AsyncClient,
+    provision: ProvisionFactory,
+    db: Database,
+    suffix: str,
+    body: dict[str, Any],
+    path: str,
+) -> None:
+    shop = await shop_with(client, provision)
+    await send(client, shop.secret_key, action("pat", "review_written"))
+    response = await client.post(
+        loyalty_url("pat", suffix), json=body, headers=bearer(shop.secret_key)
+    )
+    problem = assert_problem(response, 422, "validation")
+    assert path in error_paths(problem) or path == "$", problem
+    assert await balance(db, shop, "pat") == (50, 0, 50)
+
+
+async def test_spending_more_than_is_available_is_a_409_that_writes_nothing(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, action("quin", "review_written"), purchase("quin", "o-1", 9_000, NOW))
+    # 50 available, 90 pending: pending points cannot be spent.
+    short = await redeem(client, key, "quin", 51)
+    problem = assert_problem(short, 409, "insufficient-points")
+    assert "50 available" in str(problem["detail"])
+    assert_problem(await adjust(client, key, "quin", -51), 409, "insufficient-points")
+    assert await balance(db, shop, "quin") == (50, 90, 140)
+    assert len(await entries(client, key, "quin")) == 2
+    unknown = await redeem(client, key, "nobody", 1)
+    assert_problem(unknown, 404, "not-found")
+
+
+async def test_redemptions_and_adjustments_are_recorded_with_their_actor(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, action("rae", "account_created"))
+    spent = await redeem(client, key, "rae", 40, reason="free coffee")
+    assert spent.status_code == 201
+    body = spent.json()
+    assert (body["object"], body["points"], body["available"]) == ("loyalty_redemption", 40, 60)
+    assert body["id"].startswith("red_")
+    removed = await adjust(client, key, "rae", -10, reason="duplicate account")
+    assert removed.status_code == 201
+    assert (removed.json()["kind"], removed.json()["available_after"]) == ("adjust", 50)
+    added = await adjust(client, key, "rae", 25, reason="apology")
+    assert added.json()["available_after"] == 75
+    history = await entries(client, key, "rae")
+    assert [(e["kind"], e["points"]) for e in history] == [
+        ("earn", 100),
+        ("redeem", -40),
+        ("adjust", -10),
+        ("adjust", 25),
+    ]
+    assert history[1]["redemption_id"] == body["id"]
+    assert history[1]["actor"] == history[2]["actor"] and history[1]["actor"].startswith("key:")
+    assert history[3]["reason"] == "apology"
+    # Adjustments are not earnings.
+    assert await balance(db, shop, "rae") == (75, 0, 100)
+
+
+async def test_the_ledger_pages_newest_first(
+    client: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, *(action("sam", "review_written") for _ in range(5)))
+    first = await client.get(
+        loyalty_url("sam", "/transactions"), params={"limit": 2}, headers=bearer(key)
+    )
+    page = first.json()
+    assert page["has_more"] is True and len(page["data"]) == 2
+    after = page["data"][-1]["id"]
+    rest = await client.get(
+        loyalty_url("sam", "/transactions"),
+        params={"limit": 10, "starting_after": after},
+        headers=bearer(key),
+    )
+    ids = [e["id"] for e in page["data"]] + [e["id"] for e in rest.json()["data"]]
+    assert ids == sorted(ids, reverse=True) and len(ids) == 5
+    assert rest.json()["has_more"] is False
+    bad = await client.get(
+        loyalty_url("sam", "/transactions"), params={"limit": 0}, headers=bearer(key)
+    )
+    assert_problem(bad, 422, "validation")
+
+
+async def test_shops_never_see_or_spend_each_others_points(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    one = await shop_with(client, provision)
+    other = await shop_with(client, provision)
+    await send(client, one.secret_key, action("tess", "account_created"))
+    assert_problem(
+        await client.get(loyalty_url("tess"), headers=bearer(other.secret_key)), 404, "not-found"
+    )
+    assert_problem(await redeem(client, other.secret_key, "tess", 10), 404, "not-found")
+    await send(client, other.secret_key, action("tess", "review_written"))
+    assert (await account(client, other.secret_key, "tess"))["available"] == 50
+    assert (await redeem(client, other.secret_key, "tess", 50)).status_code == 201
+    assert await balance(db, one, "tess") == (100, 0, 100)
+    figures = await client.get("/v1/analytics/loyalty", headers=bearer(one.secret_key))
+    assert figures.json()["period"]["redeemed"] == 0

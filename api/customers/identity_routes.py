@@ -45,10 +45,6 @@ class Erasure(msgspec.Struct, frozen=True, kw_only=True):
     accounting_records_kept: int
 
 
-_identify_decoder = msgspec.json.Decoder(IdentifyIn)
-_merge_decoder = msgspec.json.Decoder(MergeIn)
-
-
 @post(
     "/v1/customers/identify",
     opt=WRITE,
