@@ -787,3 +787,79 @@ async def test_shops_never_see_or_spend_each_others_points(
     assert await balance(db, one, "tess") == (100, 0, 100)
     figures = await client.get("/v1/analytics/loyalty", headers=bearer(one.secret_key))
     assert figures.json()["period"]["redeemed"] == 0
+
+
+# --- analytics, merges, erasure ---------------------------------------------------------------
+
+
+async def test_loyalty_analytics_add_up_exactly(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision, tiers=TIERS, expiry={"months": 1})
+    key = shop.secret_key
+    start = NOW - 10 * DAY
+    await send(client, key, action("uma", "account_created", start))  # 100 now: silver
+    await send(client, key, purchase("uma", "o-1", 20_000, start + DAY))  # 200 x 150 % pending
+    await send(client, key, refund("uma", "o-1", 5_000, start + 2 * DAY))  # a quarter reversed
+    await send(client, key, action("vic", "review_written", start))  # 50 now
+    assert (await redeem(client, key, "uma", 30)).status_code == 201
+    assert (await adjust(client, key, "vic", -20)).status_code == 201
+    assert (await adjust(client, key, "vic", 5)).status_code == 201
+    await run_jobs(db, shop, NOW + 40 * DAY)  # activates 150, expires what is left
+    response = await client.get(
+        "/v1/analytics/loyalty",
+        params={"from": iso(start - DAY), "to": iso(NOW + 50 * DAY)},
+        headers=bearer(key),
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["period"] == {
+        "issued": 100 + 300 + 50,
+        "redeemed": 30,
+        "expired": (100 - 30) + (300 - 75) + (50 - 20 + 5),
+        "reversed": 75,
+        "given_back": 0,
+        "adjusted_up": 5,
+        "adjusted_down": 20,
+    }
+    assert (body["outstanding_available"], body["outstanding_pending"]) == (0, 0)
+    # 400 earned reached gold; the refund does not lower it before the review.
+    assert body["tiers"] == [{"tier": "bronze", "customers": 1}, {"tier": "gold", "customers": 1}]
+    await invariant_holds(db, shop)
+    bad = await client.get(
+        "/v1/analytics/loyalty", params={"from": "yesterday"}, headers=bearer(key)
+    )
+    assert_problem(bad, 422, "validation")
+
+
+async def test_a_merge_moves_the_points_and_keeps_every_sum(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision, pending_days=0)
+    key = shop.secret_key
+    await send(client, key, action("wes", "account_created"), action("wes-old", "review_written"))
+    assert (await redeem(client, key, "wes-old", 20)).status_code == 201
+    merged = await client.post(
+        "/v1/customers/wes/merge", json={"customer_id": "wes-old"}, headers=bearer(key)
+    )
+    assert merged.status_code == 200, merged.text
+    body = await account(client, key, "wes")
+    assert (body["available"], body["lifetime_earned"]) == (130, 150)
+    assert len(await entries(client, key, "wes")) == 3
+    assert (await redeem(client, key, "wes-old", 130)).status_code == 201  # the same customer now
+    await invariant_holds(db, shop)
+
+
+async def test_export_includes_the_ledger_and_erasure_removes_it(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, action("xan", "account_created"), purchase("xan", "o-1", 900, NOW))
+    exported = await client.get("/v1/customers/xan/export", headers=bearer(key))
+    assert [e["kind"] for e in exported.json()["loyalty_transactions"]] == ["earn", "earn"]
+    erased = await client.delete("/v1/customers/xan", headers=bearer(key))
+    assert erased.status_code == 200, erased.text
+    async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
+        for table in ("loyalty_accounts", "loyalty_entries", "loyalty_lots", "outbox"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table

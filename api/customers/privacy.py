@@ -101,7 +101,8 @@ async def erase(conn: TenantConn, ref: int) -> dict[str, int]:
 
 
 async def export(conn: TenantConn, ref: int) -> dict[str, Any]:
-    """Everything held about the person: profile(s), ids and every touchpoint."""
+    """Everything held about the person: profile(s), ids, every touchpoint, the journey and the
+    points ledger."""
     family = await profile_family(conn, ref)
     profiles = await conn.fetch(
         "SELECT id, customer_id, email, name, traits, trait_times, first_seen_at, last_seen_at,"
@@ -126,7 +127,15 @@ async def export(conn: TenantConn, ref: int) -> dict[str, Any]:
         " FROM stage_transitions WHERE customer_ref = ANY($1::bigint[]) ORDER BY occurred_at, id",
         family,
     )
+    ledger = await conn.fetch(
+        "SELECT kind, available_delta, pending_delta, lifetime_delta, available_after,"
+        " pending_after, lifetime_after, reason, event_id, order_id, redemption_id, actor,"
+        " occurred_at, created_at"
+        " FROM loyalty_entries WHERE customer_ref = ANY($1::bigint[]) ORDER BY id",
+        family,
+    )
     return {
+        "loyalty_transactions": [dict(r) for r in ledger],
         "stage_transitions": [dict(r) for r in transitions],
         "profiles": [{k: v for k, v in dict(r).items() if k != "id"} for r in profiles],
         "identities": [dict(r) for r in ids],
