@@ -145,7 +145,11 @@ class CustomerLoyaltyController(Controller):
         opt=WRITE,
         status_code=201,
         responses={
-            201: ResponseSpec(data_container=Redemption, description="The points were spent."),
+            201: ResponseSpec(
+                data_container=Redemption,
+                description="The points were spent.",
+                generate_examples=False,
+            ),
             **problem_responses(401, 403, 404, 409, 422, 429),
         },
     )
@@ -178,7 +182,9 @@ class CustomerLoyaltyController(Controller):
         status_code=201,
         responses={
             201: ResponseSpec(
-                data_container=LoyaltyTransaction, description="The adjustment's ledger entry."
+                data_container=LoyaltyTransaction,
+                description="The adjustment's ledger entry.",
+                generate_examples=False,
             ),
             **problem_responses(401, 403, 404, 409, 422, 429),
         },
