@@ -18,8 +18,8 @@ TABLES: dict[str, tuple[str, str]] = {
         "id, customer_id, email, name, traits, trait_times, first_seen_at, last_seen_at,"
         " touchpoint_count, counts_by_type, counts_by_channel, order_count, revenue,"
         " last_purchase_at, stage, stage_since, reached_stage, stage_basis, rfm_recency,"
-        " rfm_frequency, rfm_monetary, rfm_segment, rfm_computed_at, merged_into, created_at,"
-        " updated_at",
+        " rfm_frequency, rfm_monetary, rfm_segment, rfm_computed_at, loyalty_tier, merged_into,"
+        " created_at, updated_at",
         "id",
     ),
     "identities": ("kind, value, customer_ref, created_at", "kind, value"),
@@ -34,7 +34,45 @@ TABLES: dict[str, tuple[str, str]] = {
         " context",
         "id",
     ),
+    "journey_rule_versions": ("version, rules, created_at, created_by, restored_from", "version"),
+    "rfm_settings": ("window_days, currency, updated_at, updated_by", "updated_at"),
+    "rfm_runs": (
+        "id, computed_at, as_of, window_days, currency, currency_setting, customers, segments,"
+        " movement, changed, orders_recent, trigger",
+        "id",
+    ),
+    "loyalty_programs": ("version, config, created_at, created_by", "version"),
+    "loyalty_accounts": (
+        "customer_ref, available, pending, lifetime_earned, debt, tier, tier_since,"
+        " tier_review_at, updated_at",
+        "customer_ref",
+    ),
+    "loyalty_lots": (
+        "id, customer_ref, points, remaining, state, order_id, earned_at, activates_at,"
+        " expires_at, expiry_notified, source",
+        "id",
+    ),
+    "loyalty_entries": (
+        "id, customer_ref, kind, available_delta, pending_delta, lifetime_delta,"
+        " available_after, pending_after, lifetime_after, reason, event_id, order_id,"
+        " redemption_id, actor, lot_id, occurred_at, created_at, dedupe_key",
+        "id",
+    ),
+    "loyalty_redemptions": (
+        "id, customer_ref, points, restored, reason, reference, created_at, created_by",
+        "id",
+    ),
+    "loyalty_refunds": (
+        "event_id, customer_ref, order_id, amount, share, reversed, restored, occurred_at",
+        "event_id",
+    ),
+    "loyalty_tier_changes": ("id, customer_ref, from_tier, to_tier, reason, occurred_at", "id"),
+    "outbox": ("id, type, customer_ref, payload, occurred_at, created_at, delivered_at", "id"),
+    # Hashes only: a restored shop must keep refusing the ids of people it erased.
+    "suppressed_ids": ("value_hash, kind, suppressed_at", "value_hash"),
 }
+#: Tables left out: stored responses for retries are transient.
+NOT_EXPORTED = frozenset({"idempotency_keys"})
 _encode = msgspec.json.Encoder().encode
 
 
