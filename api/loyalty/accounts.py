@@ -297,8 +297,7 @@ async def adjust(
     await ledger.settle(conn, account, now)
     source = Source(reason=body.reason.strip() or body.reason, actor=actor)
     if body.points > 0:
-        await ledger.add_lot(
-            conn,
+        ledger.add_lot(
             account,
             body.points,
             kind="adjust",

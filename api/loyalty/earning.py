@@ -68,6 +68,7 @@ async def on_ingest(conn: TenantConn, schema: str, stored: Sequence[Stored], now
     for s in earning:
         account = accounts[s.ref]
         if s.item.type == "refund":
+            await ledger.save(conn, [account])  # the refund reads the lots this batch made
             await ledger.settle(conn, account, now)
             await refund(conn, account, program, s, now)
             continue
@@ -114,8 +115,7 @@ async def _earn(
 ) -> None:
     is_purchase = s.item.type == "purchase"
     order_id = s.item.order.order_id if is_purchase and s.item.order else None
-    await ledger.add_lot(
-        conn,
+    ledger.add_lot(
         account,
         points,
         kind="earn",
@@ -264,8 +264,7 @@ async def _give_back_redemptions(
             row["id"],
             give,
         )
-        await ledger.add_lot(
-            conn,
+        ledger.add_lot(
             account,
             give,
             kind="reverse",

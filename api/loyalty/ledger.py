@@ -14,6 +14,7 @@ earliest-expiring lots first; the expiry job expires only what is left of a lot.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,7 +39,8 @@ class Account:
     tier: str | None
     tier_since: datetime | None
     tier_review_at: datetime | None
-    #: Entries and events appended in this transaction, written by :func:`save`.
+    #: Lots, entries and events made in this transaction, written by :func:`save`.
+    new_lots: list[tuple[Any, ...]] = field(default_factory=list)
     entries: list[tuple[Any, ...]] = field(default_factory=list)
     events: list[tuple[str, dict[str, Any], datetime]] = field(default_factory=list)
     #: (from, to, reason, when)
@@ -72,22 +74,28 @@ _ACCOUNT_COLUMNS = (
 )
 
 
+_LOCK_SQL = (
+    f"SELECT {_ACCOUNT_COLUMNS} FROM loyalty_accounts a JOIN customers c"
+    " ON c.id = a.customer_ref WHERE a.customer_ref = ANY($1::bigint[])"
+    " ORDER BY a.customer_ref FOR UPDATE OF a"
+)
+
+
 async def lock_accounts(conn: TenantConn, refs: Iterable[int]) -> dict[int, Account]:
     """Each customer's account, created if new, locked until the transaction ends."""
     ordered = sorted(set(refs))
     if not ordered:
         return {}
-    await conn.execute(
-        "INSERT INTO loyalty_accounts (customer_ref) SELECT unnest($1::bigint[])"
-        " ON CONFLICT DO NOTHING",
-        ordered,
-    )
-    rows = await conn.fetch(
-        f"SELECT {_ACCOUNT_COLUMNS} FROM loyalty_accounts a JOIN customers c"
-        " ON c.id = a.customer_ref WHERE a.customer_ref = ANY($1::bigint[])"
-        " ORDER BY a.customer_ref FOR UPDATE OF a",
-        ordered,
-    )
+    rows = await conn.fetch(_LOCK_SQL, ordered)
+    if len(rows) < len(ordered):
+        # First points for some: create their accounts (a concurrent creator wins harmlessly),
+        # then lock them all again, in order.
+        await conn.execute(
+            "INSERT INTO loyalty_accounts (customer_ref) SELECT unnest($1::bigint[])"
+            " ON CONFLICT DO NOTHING",
+            ordered,
+        )
+        rows = await conn.fetch(_LOCK_SQL, ordered)
     return {
         row["customer_ref"]: Account(
             ref=row["customer_ref"],
@@ -118,8 +126,10 @@ def append(
     pending: int = 0,
     lifetime: int = 0,
     lot_id: int | None = None,
+    new_lot: str | None = None,
 ) -> None:
-    """Apply the deltas to the account and queue the entry that records them."""
+    """Apply the deltas to the account and queue the entry that records them. The entry's lot
+    is ``lot_id``, or ``new_lot``: the key of a lot queued by :func:`add_lot`."""
     account.available += available
     account.pending += pending
     account.lifetime_earned += lifetime
@@ -140,6 +150,7 @@ def append(
             source.redemption_id,
             source.actor,
             lot_id,
+            new_lot,
             at,
             source.dedupe_key,
         )
@@ -151,63 +162,96 @@ def emit(account: Account, event_type: str, payload: dict[str, Any], at: datetim
     account.events.append((event_type, {"customer_id": account.customer_id, **payload}, at))
 
 
+# Everything a transaction changed in the ledger, in one statement: new lots, then the entries
+# (joined to the lots they made by key, in the order they were appended), events, tier changes,
+# the accounts, and the tier copied to the profile (where journey rules read it).
+_SAVE_SQL = """
+WITH lots AS (
+    INSERT INTO loyalty_lots (customer_ref, points, remaining, state, order_id, earned_at,
+        activates_at, expires_at, source)
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+        $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[])
+    RETURNING id, source
+),
+entries AS (
+    INSERT INTO loyalty_entries (customer_ref, kind, available_delta, pending_delta,
+        lifetime_delta, available_after, pending_after, lifetime_after, reason, event_id,
+        order_id, redemption_id, actor, lot_id, occurred_at, dedupe_key)
+    SELECT e.ref, e.kind, e.available, e.pending, e.lifetime, e.available_after,
+        e.pending_after, e.lifetime_after, e.reason, e.event_id, e.order_id, e.redemption_id,
+        e.actor, coalesce(e.lot_id, lots.id), e.at, e.dedupe_key
+    FROM unnest($10::bigint[], $11::text[], $12::bigint[], $13::bigint[], $14::bigint[],
+        $15::bigint[], $16::bigint[], $17::bigint[], $18::text[], $19::text[], $20::text[],
+        $21::text[], $22::text[], $23::bigint[], $24::text[], $25::timestamptz[], $26::text[])
+        WITH ORDINALITY AS e(ref, kind, available, pending, lifetime, available_after,
+            pending_after, lifetime_after, reason, event_id, order_id, redemption_id, actor,
+            lot_id, new_lot, at, dedupe_key, n)
+    LEFT JOIN lots ON lots.source = e.new_lot
+    ORDER BY e.n
+),
+events AS (
+    INSERT INTO outbox (type, customer_ref, payload, occurred_at)
+    SELECT t, r, p::jsonb, at
+    FROM unnest($27::text[], $28::bigint[], $29::text[], $30::timestamptz[]) AS u(t, r, p, at)
+),
+tier_changes AS (
+    INSERT INTO loyalty_tier_changes (customer_ref, from_tier, to_tier, reason, occurred_at)
+    SELECT * FROM unnest($31::bigint[], $32::text[], $33::text[], $34::text[],
+        $35::timestamptz[])
+),
+u AS (
+    SELECT * FROM unnest($36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[],
+        $40::bigint[], $41::text[], $42::timestamptz[], $43::timestamptz[])
+        AS u(ref, available, pending, lifetime, debt, tier, tier_since, review)
+),
+accounts AS (
+    UPDATE loyalty_accounts a SET available = u.available, pending = u.pending,
+        lifetime_earned = u.lifetime, debt = u.debt, tier = u.tier,
+        tier_since = u.tier_since, tier_review_at = u.review, updated_at = now()
+    FROM u WHERE a.customer_ref = u.ref
+)
+UPDATE customers c SET loyalty_tier = u.tier
+FROM u WHERE c.id = u.ref AND c.loyalty_tier IS DISTINCT FROM u.tier
+"""
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows to the column arrays ``unnest`` takes (``width`` columns, also when empty)."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+
+
 async def save(conn: TenantConn, accounts: Iterable[Account]) -> None:
-    """Write the queued entries, events and the accounts' new balances."""
+    """Write what the accounts queued, and their new balances, in one round trip."""
     changed = [a for a in accounts if a.changed]
     if not changed:
         return
+    lots = [lot for a in changed for lot in a.new_lots]
     entries = [entry for a in changed for entry in a.entries]
-    if entries:
-        await conn.executemany(
-            """
-            INSERT INTO loyalty_entries (customer_ref, kind, available_delta, pending_delta,
-                lifetime_delta, available_after, pending_after, lifetime_after, reason, event_id,
-                order_id, redemption_id, actor, lot_id, occurred_at, dedupe_key)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-            """,
-            entries,
-        )
     events = [(t, a.ref, _encode(p).decode(), at) for a in changed for t, p, at in a.events]
-    if events:
-        await conn.executemany(
-            "INSERT INTO outbox (type, customer_ref, payload, occurred_at)"
-            " VALUES ($1, $2, $3::text::jsonb, $4)",
-            events,
+    tier_changes = [(a.ref, *change) for a in changed for change in a.tier_changes]
+    balances = [
+        (
+            a.ref,
+            a.available,
+            a.pending,
+            a.lifetime_earned,
+            a.debt,
+            a.tier,
+            a.tier_since,
+            a.tier_review_at,
         )
-    changes = [(a.ref, *change) for a in changed for change in a.tier_changes]
-    if changes:
-        await conn.executemany(
-            "INSERT INTO loyalty_tier_changes (customer_ref, from_tier, to_tier, reason,"
-            " occurred_at) VALUES ($1, $2, $3, $4, $5)",
-            changes,
-        )
-    # The tier is copied to the profile too, where journey rules read it.
+        for a in changed
+    ]
     await conn.execute(
-        """
-        WITH u AS (
-            SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
-                $5::bigint[], $6::text[], $7::timestamptz[], $8::timestamptz[])
-                AS u(ref, available, pending, lifetime, debt, tier, tier_since, review)
-        ),
-        accounts AS (
-            UPDATE loyalty_accounts a SET available = u.available, pending = u.pending,
-                lifetime_earned = u.lifetime, debt = u.debt, tier = u.tier,
-                tier_since = u.tier_since, tier_review_at = u.review, updated_at = now()
-            FROM u WHERE a.customer_ref = u.ref
-        )
-        UPDATE customers c SET loyalty_tier = u.tier
-        FROM u WHERE c.id = u.ref AND c.loyalty_tier IS DISTINCT FROM u.tier
-        """,
-        [a.ref for a in changed],
-        [a.available for a in changed],
-        [a.pending for a in changed],
-        [a.lifetime_earned for a in changed],
-        [a.debt for a in changed],
-        [a.tier for a in changed],
-        [a.tier_since for a in changed],
-        [a.tier_review_at for a in changed],
+        _SAVE_SQL,
+        *_columns(lots, 9),
+        *_columns(entries, 17),
+        *_columns(events, 4),
+        *_columns(tier_changes, 5),
+        *_columns(balances, 8),
     )
     for account in changed:
+        account.new_lots.clear()
         account.entries.clear()
         account.events.clear()
         account.tier_changes.clear()
@@ -228,8 +272,7 @@ async def seen(conn: TenantConn, dedupe_keys: Sequence[str]) -> set[str]:
 # --- the operations -----------------------------------------------------------------------------
 
 
-async def add_lot(
-    conn: TenantConn,
+def add_lot(
     account: Account,
     points: int,
     *,
@@ -240,25 +283,26 @@ async def add_lot(
     activates_at: datetime,
     expires_at: datetime | None,
     lifetime: bool,
-) -> int:
+) -> None:
     """New points dated ``at``: a lot, pending until ``activates_at`` or active at once when
     that has passed by ``now`` (paying off debt first). ``lifetime`` counts them as earned (an
-    earning, not a give-back or a gift)."""
+    earning, not a give-back or a gift). Written by :func:`save`."""
     active = activates_at <= now
     paid = min(account.debt, points) if active else 0
-    lot_id: int = await conn.fetchval(
-        "INSERT INTO loyalty_lots (customer_ref, points, remaining, state, order_id, earned_at,"
-        " activates_at, expires_at, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        " RETURNING id",
-        account.ref,
-        points,
-        points - paid,
-        "active" if active else "pending",
-        source.order_id,
-        at,
-        activates_at,
-        expires_at,
-        source.dedupe_key,
+    # The key ties the entry to its lot when both are written; an earning's own key serves.
+    key = source.dedupe_key or f"lot:{uuid.uuid4().hex}"
+    account.new_lots.append(
+        (
+            account.ref,
+            points,
+            points - paid,
+            "active" if active else "pending",
+            source.order_id,
+            at,
+            activates_at,
+            expires_at,
+            key,
+        )
     )
     account.debt -= paid
     append(
@@ -269,14 +313,14 @@ async def add_lot(
         available=points if active else 0,
         pending=0 if active else points,
         lifetime=points if lifetime else 0,
-        lot_id=lot_id,
+        new_lot=key,
     )
-    return lot_id
 
 
 async def settle(conn: TenantConn, account: Account, now: datetime) -> None:
     """Activate the pending lots whose time has come, then expire the active lots whose time has
     passed: what the jobs do, done first by any write so it never spends an expired point."""
+    _no_unsaved_lots(account)
     due = await conn.fetch(
         "SELECT id, remaining, state, activates_at, expires_at FROM loyalty_lots"
         " WHERE customer_ref = $1 AND remaining > 0"
@@ -332,6 +376,7 @@ async def take(
     """Spend ``points`` of the available balance, earliest-expiring lots first. The caller has
     checked that the balance covers it."""
     assert 0 < points <= account.available
+    _no_unsaved_lots(account)
     await _take_from_lots(conn, account.ref, points)
     append(account, kind, source, at, available=-points)
 
@@ -363,6 +408,7 @@ async def take_back_order(
     takes only pending points); ``within_balance`` then takes from the other active lots, never
     below zero; ``allow_negative`` books whatever is still owed as debt.
     """
+    _no_unsaved_lots(account)
     lots = await conn.fetch(
         "SELECT id, remaining, state FROM loyalty_lots"
         " WHERE order_id = $1 AND customer_ref = $2 AND remaining > 0"
@@ -408,6 +454,11 @@ async def take_back_order(
             lifetime=-reversed_points,
         )
     return reversed_points
+
+
+def _no_unsaved_lots(account: Account) -> None:
+    # Lots are written by save(); reading them before would miss the new ones.
+    assert not account.new_lots, "save() the account before reading its lots"
 
 
 async def _take_from_lots(conn: TenantConn, ref: int, points: int) -> None:
