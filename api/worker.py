@@ -109,10 +109,15 @@ async def run_worker(
     *,
     periodic: Sequence[PeriodicJob] | None = None,
     queued: Sequence[QueuedJob] | None = None,
-    dequeue_timeout: timedelta = timedelta(seconds=30),
+    dequeue_timeout: timedelta = timedelta(seconds=5),
 ) -> None:
     """Run the jobs (by default every job in :mod:`api.jobs`) until ``stop`` is set, then let the
-    running ones finish. ``pool`` is a queue pool (:func:`api.db.queue.connect_queue_pool`)."""
+    running ones finish. ``pool`` is a queue pool (:func:`api.db.queue.connect_queue_pool`).
+
+    New jobs wake the worker at once (LISTEN/NOTIFY), but a retry is an UPDATE, which pgqueuer's
+    trigger does not announce, and the worker may have chosen its wait before the retry was
+    written: ``dequeue_timeout`` bounds how late after its backoff a retried job can start.
+    """
     periodic = periodic_jobs() if periodic is None else periodic
     queued = queued_jobs() if queued is None else queued
     queue = queue_for(context, pool, periodic, queued)
