@@ -15,8 +15,8 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
-run: install ## start embedded PostgreSQL, migrate, seed the demo shop, serve on :8000
-	$(PY) -m api serve
+run: install ## start embedded PostgreSQL, migrate, seed the demo shop, serve on :8000 + the worker
+	$(PY) -m api serve --with-worker
 
 test: install lint typecheck pytest ## lint, type check and the whole test suite
 
