@@ -209,3 +209,12 @@ async def idempotent_json(
         media_type=MediaType.JSON,
         headers=replay_headers(stored),
     )
+
+
+async def prune_expired_keys(conn: TenantConn) -> int:
+    """Delete the shop's stored responses that can no longer be replayed; returns how many.
+    Only keeps the table small: an expired row already counts as absent."""
+    status = await conn.execute(
+        f"DELETE FROM idempotency_keys WHERE created_at <= now() - interval '{RETENTION}'"
+    )
+    return int(status.rsplit(" ", 1)[-1])

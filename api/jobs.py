@@ -63,8 +63,11 @@ class QueuedJob:
 
 def periodic_jobs() -> list[PeriodicJob]:
     """Every periodic job. To add one, add a line; the minutes are staggered to spread load."""
+    from api.idempotency import prune_expired_keys
     from api.journey.drift import apply_drift_all_shops
     from api.journey.rfm import recompute_rfm_all_shops
+    from api.loyalty.jobs import loyalty_chores_all_shops
+    from api.tenants.fanout import in_every_shop
 
     return [
         PeriodicJob("rotate-signing-keys", "0 * * * *", rotate_signing_keys),
@@ -73,6 +76,14 @@ def periodic_jobs() -> list[PeriodicJob]:
         ),
         PeriodicJob("journey-drift", "15 * * * *", lambda job: apply_drift_all_shops(job.db)),
         PeriodicJob("rfm-recompute", "30 * * * *", lambda job: recompute_rfm_all_shops(job.db)),
+        PeriodicJob(
+            "prune-idempotency-keys",
+            "45 * * * *",
+            lambda job: in_every_shop(
+                job.db, "prune-idempotency-keys", lambda conn, _: prune_expired_keys(conn)
+            ),
+        ),
+        PeriodicJob("loyalty", "* * * * *", lambda job: loyalty_chores_all_shops(job.db)),
     ]
 
 

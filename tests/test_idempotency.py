@@ -17,6 +17,7 @@ from api.idempotency import (
     IDEMPOTENCY_HEADER,
     StoredResponse,
     idempotency_key,
+    prune_expired_keys,
     replay_headers,
     run_idempotent,
 )
@@ -290,3 +291,18 @@ async def test_an_invalid_key_is_a_validation_problem(
     errors = assert_problem(response, 422, "validation")["errors"]
     assert isinstance(errors, list)
     assert [error["path"] for error in errors] == ["header.Idempotency-Key"]
+
+
+async def test_pruning_removes_only_responses_that_can_no_longer_be_replayed(
+    db: Database, shop: Tenant
+) -> None:
+    for key in ("old", "fresh"):
+        await create(db, shop, CreateCustomer(f"prune-{key}"), key=key)
+    async with tenant_tx(db, shop) as conn:
+        await conn.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'old'"
+        )
+        assert await prune_expired_keys(conn) == 1
+        assert await prune_expired_keys(conn) == 0
+        kept = await conn.fetch("SELECT key FROM idempotency_keys")
+    assert [r["key"] for r in kept] == ["fresh"]
