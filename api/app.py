@@ -31,6 +31,7 @@ from api.journey.routes import journey_routes
 from api.logs import configure_logging
 from api.loyalty.routes import loyalty_routes
 from api.middleware import RequestContextMiddleware
+from api.offers.routes import offer_routes
 from api.openapi_bodies import document_request_bodies
 from api.services import install_services, run_background, stop_services
 from api.touchpoints.routes import touchpoint_routes
@@ -85,6 +86,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             *rfm_routes,
             *analytics_routes,
             *loyalty_routes,
+            *offer_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,

@@ -88,9 +88,10 @@ def periodic_jobs() -> list[PeriodicJob]:
 
 
 def queued_jobs() -> list[QueuedJob]:
-    """Every entrypoint :func:`enqueue` may name. None yet: webhook deliveries, meter events and
-    delayed offer triggers come with their issues."""
-    return []
+    """Every entrypoint :func:`enqueue` may name."""
+    from api.offers.triggers import DECIDE_ENTRYPOINT, decide_job
+
+    return [QueuedJob(DECIDE_ENTRYPOINT, decide_job)]
 
 
 _ENQUEUE = QueryQueueBuilder(QUEUE_NAMES).build_enqueue_query("raise")

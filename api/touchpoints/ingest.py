@@ -19,6 +19,7 @@ from api.db import TenantConn
 from api.journey import stages
 from api.journey.stages import PROFILE_COLUMNS
 from api.loyalty import earning
+from api.offers import triggers as offer_triggers
 from api.touchpoints import identity
 from api.touchpoints.schemas import (
     MAX_ITEM_BYTES,
@@ -131,15 +132,12 @@ async def record(
             inserted = await _insert(conn, candidates, received_at)
             stored = [c for c in candidates if c.item.id in inserted]
             # Points first: a tier reached now is on the profile when the stage is evaluated.
-            await earning.on_ingest(
-                conn,
-                schema,
-                [earning.Stored(c.ref, c.item, c.occurred_at) for c in stored],
-                received_at,
-            )
+            settled = [earning.Stored(c.ref, c.item, c.occurred_at) for c in stored]
+            await earning.on_ingest(conn, schema, settled, received_at)
             profiles = await _update_profiles(conn, stored)
             _, rules = await stages.current_rules(conn, schema)
             await stages.advance_stages(conn, rules, profiles, _latest_events(stored), received_at)
+            await offer_triggers.on_ingest(conn, schema, settled, received_at)
             for candidate in candidates:
                 validated.results[candidate.index] = ItemResult(
                     index=candidate.index,
