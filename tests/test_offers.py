@@ -519,3 +519,87 @@ async def test_campaign_results_match_a_hand_computed_fixture(
     assert variants == {"a": (5, 2), "b": (5, 1)}  # buyers 1 and 3 got a, buyer 2 got b
     missing = await client.get("/v1/analytics/campaigns/cmp_nope", headers=bearer(key))
     assert_problem(missing, 404, "not-found")
+
+
+async def test_stackable_campaigns_are_issued_together(
+    client: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    key = (await shop(provision)).secret_key
+    await known(client, key, "jon")
+    stack = {"stackable": True}
+    first = await create_campaign(client, key, name="one", priority=2, limits=stack)
+    second = await create_campaign(
+        client, key, name="two", priority=1, limits=stack, reward={"type": "free_shipping"}
+    )
+    alone = await create_campaign(client, key, name="alone", priority=0)
+    result = await trigger(client, key, "jon")
+    assert [o["campaign_id"] for o in result["offers"]] == [first["id"], second["id"]]
+    assert {d["campaign_id"]: d["outcome"] for d in result["decisions"]}[alone["id"]] == (
+        "not_chosen"
+    )
+
+
+async def test_the_issue_budget_holds_under_concurrent_triggers(
+    client: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    key = (await shop(provision)).secret_key
+    customers = [f"k{i}" for i in range(30)]
+    await known(client, key, *customers)
+    made = await create_campaign(client, key, limits={"max_issued": 7})
+    results = await asyncio.gather(*(trigger(client, key, c) for c in customers))
+    assert sum(len(r["offers"]) for r in results) == 7
+    campaign = await client.get(f"/v1/campaigns/{made['id']}", headers=bearer(key))
+    assert campaign.json()["counts"]["issued"] == 7
+
+
+async def test_a_trigger_can_require_touchpoint_properties_and_a_cart_value(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop_ = await shop(provision)
+    key = shop_.secret_key
+    await create_campaign(
+        client,
+        key,
+        trigger={"event": "cart_abandoned", "properties": {"category": "shoes"}},
+        targeting={"min_cart_value": 5_000},
+        limits={"per_customer": 5},
+    )
+
+    def cart(customer_id: str, **properties: Any) -> dict[str, Any]:
+        return touchpoint(
+            unique("cart"),
+            type="cart_abandoned",
+            customer_id=customer_id,
+            anonymous_id=None,
+            properties=properties,
+        )
+
+    await send(
+        client,
+        key,
+        cart("lea", category="hats", cart_value=9_000),
+        cart("lea", category="shoes", cart_value=1_000),
+        cart("lea", category="shoes", cart_value=6_000),
+    )
+    async with tenant_tx(db, shop_.tenant.as_tenant()) as conn:
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM offer_triggers ORDER BY id")]
+    assert len(ids) == 2  # the hats cart does not match
+    states = [await decide_trigger(db, shop_.tenant.as_tenant(), i) for i in ids]
+    assert states == ["ineligible", "issued"]
+    assert (await trigger_state(db, shop_))[0][1] == "cart value 1000 below 5000"
+
+
+async def test_a_points_multiplier_multiplies_the_redeeming_orders_points(
+    client: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    shop_ = await shop_with(client, provision, pending_days=0)
+    key = shop_.secret_key
+    await known(client, key, "max")
+    await create_campaign(
+        client, key, reward={"type": "points_multiplier", "multiplier_percent": 300}
+    )
+    [offer] = (await trigger(client, key, "max"))["offers"]
+    await send(client, key, purchase("max", "o-3", 2_500, NOW, coupon_codes=[offer["code"]]))
+    # 25 points for the order, and twice that again for the triple.
+    points = (await client.get("/v1/customers/max/loyalty", headers=bearer(key))).json()
+    assert (points["available"], points["lifetime_earned"]) == (75, 75)
