@@ -603,3 +603,24 @@ async def test_a_points_multiplier_multiplies_the_redeeming_orders_points(
     # 25 points for the order, and twice that again for the triple.
     points = (await client.get("/v1/customers/max/loyalty", headers=bearer(key))).json()
     assert (points["available"], points["lifetime_earned"]) == (75, 75)
+
+
+async def test_merges_move_offers_and_erasure_removes_them(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop_ = await shop(provision)
+    key = shop_.secret_key
+    await known(client, key, "ned", "ned-old")
+    await create_campaign(client, key, limits={"per_customer": 3, "stackable": True})
+    await trigger(client, key, "ned")
+    await trigger(client, key, "ned-old")
+    merged = await client.post(
+        "/v1/customers/ned/merge", json={"customer_id": "ned-old"}, headers=bearer(key)
+    )
+    assert merged.status_code == 200, merged.text
+    assert len((await client.get("/v1/customers/ned/offers", headers=bearer(key))).json()) == 2
+    erased = await client.delete("/v1/customers/ned", headers=bearer(key))
+    assert erased.status_code == 200, erased.text
+    async with tenant_tx(db, shop_.tenant.as_tenant()) as conn:
+        for table in ("offers", "campaign_assignments", "offer_triggers"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table

@@ -14,10 +14,14 @@ from api.db import TenantConn
 from api.touchpoints.ingest import suppression_hash
 
 ACCOUNTING_TYPES = ("purchase", "refund")
-#: Rows about the person that go with the profile: journey history, the points ledger (an
-#: erased customer's points are forfeited) and undelivered events naming them.
+#: Rows about the person that go with the profile: journey history, offers and campaign
+#: assignments, the points ledger (an erased customer's points are forfeited) and undelivered
+#: events naming them.
 ERASED_WITH_PROFILE = (
     "stage_transitions",
+    "offer_triggers",
+    "offers",
+    "campaign_assignments",
     "loyalty_entries",
     "loyalty_lots",
     "loyalty_redemptions",

@@ -385,3 +385,23 @@ async def customer_offers(
     )
     offers = [offer_view(row, now) for row in rows]
     return [o for o in offers if status is None or o.status == status]
+
+
+async def merge_offers(conn: TenantConn, absorbed: int, survivor: int) -> None:
+    """A profile merge: the absorbed customer's offers and scheduled decisions move to the
+    survivor; where both were assigned to a campaign, the survivor's arm stands."""
+    for table in ("offers", "offer_triggers"):
+        await conn.execute(
+            f"UPDATE {table} SET customer_ref = $2 WHERE customer_ref = $1", absorbed, survivor
+        )
+    await conn.execute(
+        "DELETE FROM campaign_assignments a WHERE a.customer_ref = $1 AND EXISTS (SELECT 1"
+        " FROM campaign_assignments b WHERE b.customer_ref = $2 AND b.campaign_id = a.campaign_id)",
+        absorbed,
+        survivor,
+    )
+    await conn.execute(
+        "UPDATE campaign_assignments SET customer_ref = $2 WHERE customer_ref = $1",
+        absorbed,
+        survivor,
+    )

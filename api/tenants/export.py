@@ -68,6 +68,42 @@ TABLES: dict[str, tuple[str, str]] = {
     ),
     "loyalty_tier_changes": ("id, customer_ref, from_tier, to_tier, reason, occurred_at", "id"),
     "outbox": ("id, type, customer_ref, payload, occurred_at, created_at, delivered_at", "id"),
+    # Webhook endpoints without their signing secrets (encrypted under this server's secret).
+    "webhook_endpoints": (
+        "id, seq, url, description, event_types, enabled, previous_secret_expires_at,"
+        " failing_since, consecutive_failures, disabled_reason, disabled_at, created_at,"
+        " updated_at",
+        "seq",
+    ),
+    "webhook_events": ("id, outbox_id, type, customer_ref, data, occurred_at, created_at", "id"),
+    "webhook_deliveries": (
+        "id, seq, endpoint_id, event_id, trigger, redelivery_of, status, attempts,"
+        " next_attempt_at, leased_until, created_at, finished_at",
+        "seq",
+    ),
+    "webhook_attempts": (
+        "delivery_id, number, attempted_at, url, address, request_headers, request_body,"
+        " response_status, response_body, duration_ms, error",
+        "delivery_id, number",
+    ),
+    "campaigns": (
+        "id, name, status, priority, starts_at, ends_at, definition, issued_count,"
+        " redeemed_count, discount_total, created_at, updated_at, created_by",
+        "id",
+    ),
+    "campaign_assignments": (
+        "campaign_id, customer_ref, arm, variant, assigned_at",
+        "campaign_id, customer_ref",
+    ),
+    "offers": (
+        "id, campaign_id, customer_ref, variant, code, reward, stackable, issued_at, expires_at,"
+        " redeemed_at, redeemed_order_id, discount, cause",
+        "id",
+    ),
+    "offer_triggers": (
+        "id, campaign_id, customer_ref, event_id, occurred_at, due_at, state, outcome, decided_at",
+        "id",
+    ),
     # Hashes only: a restored shop must keep refusing the ids of people it erased.
     "suppressed_ids": ("value_hash, kind, suppressed_at", "value_hash"),
 }

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from api.db import TenantConn
 from api.loyalty.ledger import merge_accounts
+from api.offers.decide import merge_offers
 
 IdKey = tuple[str, str]  # (kind, value)
 
@@ -140,6 +141,7 @@ async def absorb(conn: TenantConn, absorbed: int, survivor: int) -> None:
         survivor,
     )
     await merge_accounts(conn, absorbed, survivor)
+    await merge_offers(conn, absorbed, survivor)
     await conn.execute(
         """
         UPDATE customers s SET
