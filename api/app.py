@@ -35,6 +35,7 @@ from api.offers.routes import offer_routes
 from api.openapi_bodies import document_request_bodies
 from api.services import install_services, run_background, stop_services
 from api.touchpoints.routes import touchpoint_routes
+from api.webhooks.routes import webhook_routes
 
 API_VERSION = "1.0.0"
 
@@ -87,6 +88,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             *analytics_routes,
             *loyalty_routes,
             *offer_routes,
+            *webhook_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,

@@ -51,6 +51,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shop_rate_limit_burst: int = 400
     #: Serve ``POST /_bench/echo`` (benchmarks only: the framework's ceiling). Never in production.
     bench_echo: bool = False
+    #: Let webhooks go to loopback addresses (``http://127.0.0.1:…``), for development only.
+    webhooks_allow_loopback: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -71,6 +73,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("SJAAK_SECRET_KEY is required in production")
         if self.environment == "production" and self.bench_echo:
             raise ValueError("SJAAK_BENCH_ECHO is for benchmarks, not production")
+        if self.environment == "production" and self.webhooks_allow_loopback:
+            raise ValueError("SJAAK_WEBHOOKS_ALLOW_LOOPBACK is for development, not production")
         if self.environment == "production" and not self.database_url:
             raise ValueError("SJAAK_DATABASE_URL is required in production (no embedded server)")
 

@@ -68,6 +68,7 @@ def periodic_jobs() -> list[PeriodicJob]:
     from api.journey.rfm import recompute_rfm_all_shops
     from api.loyalty.jobs import loyalty_chores_all_shops
     from api.tenants.fanout import in_every_shop
+    from api.webhooks.dispatch import dispatch_all_shops, prune_all_shops
 
     return [
         PeriodicJob("rotate-signing-keys", "0 * * * *", rotate_signing_keys),
@@ -84,14 +85,17 @@ def periodic_jobs() -> list[PeriodicJob]:
             ),
         ),
         PeriodicJob("loyalty", "* * * * *", lambda job: loyalty_chores_all_shops(job.db)),
+        PeriodicJob("webhooks-dispatch", "* * * * * */5", lambda job: dispatch_all_shops(job.db)),
+        PeriodicJob("prune-webhook-events", "50 * * * *", lambda job: prune_all_shops(job.db)),
     ]
 
 
 def queued_jobs() -> list[QueuedJob]:
     """Every entrypoint :func:`enqueue` may name."""
     from api.offers.triggers import DECIDE_ENTRYPOINT, decide_job
+    from api.webhooks.delivery import delivery_job
 
-    return [QueuedJob(DECIDE_ENTRYPOINT, decide_job)]
+    return [QueuedJob(DECIDE_ENTRYPOINT, decide_job), delivery_job()]
 
 
 _ENQUEUE = QueryQueueBuilder(QUEUE_NAMES).build_enqueue_query("raise")
