@@ -95,35 +95,31 @@ async def load_profile(conn: TenantConn, ref: int) -> Profile:
     )
 
 
+#: The customer's offers per campaign and, in the same round trip, the last touchpoint of each
+#: type that recency targeting asks about (rows with a ``type``).
+_HISTORY_SQL = (
+    "SELECT campaign_id, count(*) AS n, max(issued_at) AS last,"
+    " bool_or(redeemed_at IS NULL AND expires_at > $2 AND NOT stackable) AS holding,"
+    " NULL::text AS type FROM offers WHERE customer_ref = $1 GROUP BY campaign_id"
+    " UNION ALL SELECT NULL, NULL, max(occurred_at), NULL, type FROM touchpoints"
+    " WHERE customer_ref = $1 AND occurred_at > $3 AND type = ANY($4::text[]) GROUP BY type"
+)
+
+
 async def load_history(
     conn: TenantConn, ref: int, campaigns: list[Campaign], now: datetime
 ) -> History:
-    rows = await conn.fetch(
-        "SELECT campaign_id, count(*) AS n, max(issued_at) AS last,"
-        " bool_or(redeemed_at IS NULL AND expires_at > $2 AND NOT stackable) AS holding"
-        " FROM offers WHERE customer_ref = $1 GROUP BY campaign_id",
-        ref,
-        now,
-    )
-    recent: dict[str, datetime] = {}
     wanted = [c.spec.targeting.recent_touchpoints for c in campaigns]
     windows = [w for w in wanted if w is not None]
-    if windows:
-        since = now - timedelta(days=max(w.within_days for w in windows))
-        types = sorted({t for w in windows for t in w.types})
-        for row in await conn.fetch(
-            "SELECT type, max(occurred_at) AS last FROM touchpoints WHERE customer_ref = $1"
-            " AND occurred_at > $2 AND type = ANY($3::text[]) GROUP BY type",
-            ref,
-            since,
-            types,
-        ):
-            recent[row["type"]] = row["last"]
+    since = now - timedelta(days=max((w.within_days for w in windows), default=0))
+    types = sorted({t for w in windows for t in w.types})
+    rows = await conn.fetch(_HISTORY_SQL, ref, now, since, types)
+    offers = [r for r in rows if r["type"] is None]
     return History(
-        count={r["campaign_id"]: r["n"] for r in rows},
-        last_issued={r["campaign_id"]: r["last"] for r in rows},
-        holding={r["campaign_id"] for r in rows if r["holding"]},
-        recent=recent,
+        count={r["campaign_id"]: r["n"] for r in offers},
+        last_issued={r["campaign_id"]: r["last"] for r in offers},
+        holding={r["campaign_id"] for r in offers if r["holding"]},
+        recent={r["type"]: r["last"] for r in rows if r["type"] is not None},
     )
 
 
@@ -284,70 +280,58 @@ def offer_view(row: Any, now: datetime) -> OfferView:
     )
 
 
+#: Record the customer's arm and find the offer ``cause`` already issued, in one round trip (a
+#: data-modifying ``WITH`` runs whether or not the query reads it).
+_ASSIGN_SQL = (
+    "WITH assigned AS (INSERT INTO campaign_assignments (campaign_id, customer_ref, arm, variant,"
+    " assigned_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING)"
+    f" SELECT {_OFFER_COLUMNS} FROM offers o JOIN customers c ON c.id = o.customer_ref"
+    " WHERE o.cause = $6"
+)
+#: Take one from the budget, insert the offer and its ``offer.issued`` event in one statement.
+#: The campaign's row stays locked from here to COMMIT and every concurrent issue of the
+#: campaign queues on it, so no other round trip comes between the two.
+_ISSUE_SQL = (
+    "WITH taken AS (UPDATE campaigns SET issued_count = issued_count + 1 WHERE id = $2"
+    " AND ($11::bigint IS NULL OR issued_count < $11) RETURNING id),"
+    " offer AS (INSERT INTO offers (id, campaign_id, customer_ref, variant, code, reward,"
+    " stackable, issued_at, expires_at, cause) SELECT $1::text, taken.id, $3::bigint,"
+    " $4::text, $5::text, $6::jsonb, $7::boolean, $8::timestamptz, $9::timestamptz, $10::text"
+    " FROM taken ON CONFLICT (code) DO NOTHING RETURNING customer_ref),"
+    " event AS (INSERT INTO outbox (type, customer_ref, payload, occurred_at)"
+    " SELECT 'offer.issued', customer_ref, $12::text::jsonb, $8 FROM offer)"
+    " SELECT EXISTS (SELECT FROM taken) AS taken, EXISTS (SELECT FROM offer) AS inserted"
+)
+_INSERT_OFFER_SQL = (
+    "INSERT INTO offers (id, campaign_id, customer_ref, variant, code, reward, stackable,"
+    " issued_at, expires_at, cause) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    " ON CONFLICT (code) DO NOTHING RETURNING id"
+)
+
+
 async def issue(
     conn: TenantConn, verdict: Verdict, profile: Profile, now: datetime, cause: str
 ) -> OfferView | None:
     """Record the customer's arm; in the treatment, issue the offer (once per ``cause``).
     ``None`` for the holdout, or when the budget ran out meanwhile."""
     campaign = verdict.campaign
-    await conn.execute(
-        "INSERT INTO campaign_assignments (campaign_id, customer_ref, arm, variant, assigned_at)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        campaign.id,
-        profile.ref,
-        verdict.arm,
-        verdict.variant,
-        now,
+    existing = await conn.fetchrow(
+        _ASSIGN_SQL, campaign.id, profile.ref, verdict.arm, verdict.variant, now, cause
     )
     if verdict.arm == "holdout":
         return None
-    existing = await conn.fetchrow(
-        f"SELECT {_OFFER_COLUMNS} FROM offers o JOIN customers c ON c.id = o.customer_ref"
-        " WHERE o.cause = $1",
-        cause,
-    )
     if existing is not None:
         return offer_view(existing, now)
-    taken = await conn.fetchval(
-        "UPDATE campaigns SET issued_count = issued_count + 1 WHERE id = $1"
-        " AND ($2::bigint IS NULL OR issued_count < $2) RETURNING issued_count",
-        campaign.id,
-        campaign.spec.limits.max_issued,
-    )
-    if taken is None:
-        return None
     expires = now + timedelta(days=campaign.spec.offer_valid_days)
     if campaign.spec.ends_at is not None:
         expires = min(expires, campaign.spec.ends_at)
     reward = reward_of(campaign, verdict.variant)
-    offer_id = "ofr_" + secrets.token_hex(10)
-    for _ in range(5):  # a clash of random codes is astronomically rare; retry a few times
-        code = new_code(campaign)
-        inserted = await conn.fetchval(
-            "INSERT INTO offers (id, campaign_id, customer_ref, variant, code, reward, stackable,"
-            " issued_at, expires_at, cause) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
-            " ON CONFLICT (code) DO NOTHING RETURNING id",
-            offer_id,
-            campaign.id,
-            profile.ref,
-            verdict.variant,
-            code,
-            msgspec.to_builtins(reward),
-            campaign.spec.limits.stackable,
-            now,
-            expires,
-            cause,
-        )
-        if inserted is not None:
-            break
-    else:
-        raise RuntimeError("could not draw a unique coupon code")
     view = OfferView(
-        id=offer_id,
+        id="ofr_" + secrets.token_hex(10),
         campaign_id=campaign.id,
         customer_id=profile.customer_id,
         variant=verdict.variant,
-        code=code,
+        code=new_code(campaign),
         reward=reward,
         stackable=campaign.spec.limits.stackable,
         status="active",
@@ -357,8 +341,45 @@ async def issue(
         redeemed_order_id=None,
         discount=None,
     )
-    await publish(conn, "offer.issued", profile.ref, msgspec.to_builtins(view), now)
-    return view
+    row = await conn.fetchrow(
+        _ISSUE_SQL,
+        view.id,
+        campaign.id,
+        profile.ref,
+        view.variant,
+        view.code,
+        msgspec.to_builtins(reward),
+        view.stackable,
+        now,
+        expires,
+        cause,
+        campaign.spec.limits.max_issued,
+        _encode(view).decode(),
+    )
+    assert row is not None
+    if not row["taken"]:
+        return None
+    if row["inserted"]:
+        return view
+    for _ in range(4):  # a clash of random codes is astronomically rare; retry a few times
+        view = msgspec.structs.replace(view, code=new_code(campaign))
+        inserted = await conn.fetchval(
+            _INSERT_OFFER_SQL,
+            view.id,
+            campaign.id,
+            profile.ref,
+            view.variant,
+            view.code,
+            msgspec.to_builtins(reward),
+            view.stackable,
+            now,
+            expires,
+            cause,
+        )
+        if inserted is not None:
+            await publish(conn, "offer.issued", profile.ref, msgspec.to_builtins(view), now)
+            return view
+    raise RuntimeError("could not draw a unique coupon code")
 
 
 async def publish(
