@@ -185,7 +185,7 @@ async def refund(
         order.order_id,
         account.ref,
     )
-    if not purchase_amount:
+    if purchase_amount is None:
         return
     before = await conn.fetchrow(
         "SELECT coalesce(sum(amount), 0) AS amount, coalesce(sum(share), 0) AS share"
