@@ -7,6 +7,7 @@ ledger operations take ``now``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -863,3 +864,15 @@ async def test_export_includes_the_ledger_and_erasure_removes_it(
     async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
         for table in ("loyalty_accounts", "loyalty_entries", "loyalty_lots", "outbox"):
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+
+
+async def test_the_same_order_sent_twice_at_once_earns_once(
+    client: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await shop_with(client, provision)
+    key = shop.secret_key
+    await send(client, key, action("zed", "page_view"))
+    copies = [purchase("zed", "o-race", 5_000, NOW, event_id=f"race-{i}") for i in range(6)]
+    await asyncio.gather(*(send(client, key, copy) for copy in copies))
+    assert await balance(db, shop, "zed") == (0, 50, 50)
+    await invariant_holds(db, shop)

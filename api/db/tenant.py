@@ -78,6 +78,11 @@ async def tenant_tx(
         yield tenant_conn
 
 
+#: Unique constraints of write-once keys that a concurrent writer may take between our check and
+#: our insert (domains add theirs at import).
+RACED_KEYS: set[str] = set()
+
+
 async def in_tenant(
     db: Database,
     tenant: Tenant,
@@ -85,8 +90,10 @@ async def in_tenant(
     *,
     generic_plans: bool = False,
 ) -> T:
-    """Run ``work`` in a tenant transaction, retrying once on a stale cached statement or a
-    deadlock (PostgreSQL aborted this transaction to let a concurrent one through).
+    """Run ``work`` in a tenant transaction, retrying once on a stale cached statement, a
+    deadlock (PostgreSQL aborted this transaction to let a concurrent one through), or a
+    write-once key (one of :data:`RACED_KEYS`) that a concurrent transaction wrote first; the
+    retry then sees that write and skips it.
 
     Every shop is migrated in lock-step, but while a migration is rolling out two shops' tables
     can briefly differ in shape; asyncpg then raises ``InvalidCachedStatementError`` for a
@@ -96,7 +103,15 @@ async def in_tenant(
     try:
         async with tenant_tx(db, tenant, generic_plans=generic_plans) as conn:
             return await work(conn)
-    except (asyncpg.InvalidCachedStatementError, asyncpg.DeadlockDetectedError) as exc:
+    except (
+        asyncpg.InvalidCachedStatementError,
+        asyncpg.DeadlockDetectedError,
+        asyncpg.UniqueViolationError,
+    ) as exc:
+        if isinstance(exc, asyncpg.UniqueViolationError) and (
+            exc.constraint_name not in RACED_KEYS
+        ):
+            raise
         log.info("retrying tenant transaction", extra={"reason": type(exc).__name__})
         async with tenant_tx(db, tenant, generic_plans=generic_plans) as conn:
             return await work(conn)

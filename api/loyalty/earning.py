@@ -8,7 +8,7 @@ earns nothing more. Earning needs a known customer: the touchpoint's ``customer_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -61,10 +61,21 @@ async def on_ingest(conn: TenantConn, schema: str, stored: Sequence[Stored], now
     earning = sorted((s for s in stored if _earns(program, s.item)), key=lambda s: s.occurred_at)
     if not earning:
         return
-    accounts = await ledger.lock_accounts(conn, (s.ref for s in earning))
     order_keys = [_order_key(s.item) for s in earning if s.item.type == "purchase" and s.item.order]
-    done = await ledger.seen(conn, order_keys)
-    caps = await _cap_room(conn, program, accounts.keys(), now)
+    # One round trip locks the accounts and reads what earning needs: which orders earned
+    # before, the tier window, and what the caps have left.
+    params = tiers.Params()
+    keys = params.add(order_keys, "text[]")
+    extra = (
+        f", ARRAY(SELECT dedupe_key FROM loyalty_entries WHERE dedupe_key = ANY({keys})) AS seen"
+    )
+    if program.tiers.levels:
+        extra += f", {tiers.window_value_sql(program, now, params)} AS tier_value"
+    extra += _caps_sql(program, now, params)
+    accounts = await ledger.lock_accounts(conn, (s.ref for s in earning), extra, *params.values)
+    first = next(iter(accounts.values()))
+    done = set(first.loaded["seen"])
+    caps = _cap_room(program, accounts)
     for s in earning:
         account = accounts[s.ref]
         if s.item.type == "refund":
@@ -88,20 +99,17 @@ async def on_ingest(conn: TenantConn, schema: str, stored: Sequence[Stored], now
         if points > 0:
             await _earn(conn, account, program, s, points, key, now)
     if program.tiers.levels:
-        values = await tiers.window_values(conn, program, accounts.keys(), now)
-        for ref, account in accounts.items():
-            tiers.upgrade(account, program, values[ref] + _unsaved_earned(account), now)
+        for account in accounts.values():
+            value = account.loaded["tier_value"]
+            if program.tiers.basis == "points_earned":
+                value += account.earned_here
+            tiers.upgrade(account, program, value, now)
     await ledger.save(conn, accounts.values())
 
 
 def _order_key(item: TouchpointIn) -> str:
     assert item.order is not None
     return f"earn:order:{item.order.order_id}"
-
-
-def _unsaved_earned(account: Account) -> int:
-    """Points earned (less reversed) by entries not yet written: index 4 is the lifetime delta."""
-    return sum(entry[4] for entry in account.entries)
 
 
 async def _earn(
@@ -139,36 +147,42 @@ async def _earn(
     )
 
 
-async def _cap_room(
-    conn: TenantConn, program: Program, refs: Iterable[int], now: datetime
-) -> dict[int, int] | None:
+def _caps_sql(program: Program, now: datetime, params: tiers.Params) -> str:
+    """Columns with what each customer earned so far this day, month and year ('' without
+    caps)."""
+    caps = program.caps
+    if caps.per_day is None and caps.per_month is None and caps.per_year is None:
+        return ""
+    day, month, year = (params.add(start, "timestamptz") for start in period_starts(program, now))
+    earned = (
+        "(SELECT coalesce(sum(e.lifetime_delta), 0) FROM loyalty_entries e"
+        " WHERE e.customer_ref = a.customer_ref AND e.kind = 'earn' AND e.occurred_at >= {})"
+    )
+    return (
+        f", {earned.format(day)} AS earned_day, {earned.format(month)} AS earned_month,"
+        f" {earned.format(year)} AS earned_year"
+    )
+
+
+def _cap_room(program: Program, accounts: dict[int, Account]) -> dict[int, int] | None:
     """How many more points each customer may earn now under the caps (None: no caps)."""
     caps = program.caps
-    limits = (caps.per_day, caps.per_month, caps.per_year)
-    if all(limit is None for limit in limits):
-        return None
-    day, month, year = period_starts(program, now)
-    ref_list = list(refs)
-    rows = await conn.fetch(
-        "SELECT customer_ref,"
-        " coalesce(sum(lifetime_delta) FILTER (WHERE occurred_at >= $2), 0) AS day,"
-        " coalesce(sum(lifetime_delta) FILTER (WHERE occurred_at >= $3), 0) AS month,"
-        " coalesce(sum(lifetime_delta), 0) AS year"
-        " FROM loyalty_entries WHERE customer_ref = ANY($1::bigint[]) AND kind = 'earn'"
-        " AND occurred_at >= $4 GROUP BY customer_ref",
-        ref_list,
-        day,
-        month,
-        year,
+    limits = (
+        (caps.per_day, "earned_day"),
+        (caps.per_month, "earned_month"),
+        (caps.per_year, "earned_year"),
     )
-    earned = {row["customer_ref"]: (row["day"], row["month"], row["year"]) for row in rows}
-    room = {}
-    for ref in ref_list:
-        so_far = earned.get(ref, (0, 0, 0))
-        pairs = zip(limits, so_far, strict=True)
-        left = [limit - used for limit, used in pairs if limit is not None]
-        room[ref] = max(0, min(left))
-    return room
+    if all(limit is None for limit, _ in limits):
+        return None
+    return {
+        ref: max(
+            0,
+            min(
+                limit - int(account.loaded[column]) for limit, column in limits if limit is not None
+            ),
+        )
+        for ref, account in accounts.items()
+    }
 
 
 async def refund(

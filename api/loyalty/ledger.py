@@ -23,6 +23,12 @@ from typing import Any, Literal
 import msgspec
 
 from api.db import TenantConn
+from api.db.tenant import RACED_KEYS
+
+# An earning checks its key under the account lock, but that check reads the statement's snapshot:
+# a concurrent earning of the same order can commit while we wait for the lock. The insert then
+# hits the unique key, and the transaction is retried, when the check sees it.
+RACED_KEYS.add("loyalty_entries_dedupe_key_key")
 
 Kind = Literal["earn", "activate", "redeem", "expire", "reverse", "adjust"]
 _encode = msgspec.json.Encoder().encode
@@ -46,6 +52,10 @@ class Account:
     #: (from, to, reason, when)
     tier_changes: list[tuple[str | None, str | None, str, datetime]] = field(default_factory=list)
     changed: bool = False
+    #: Lifetime points earned (less reversed) by this transaction's entries, saved or not.
+    earned_here: int = 0
+    #: Extra columns the caller asked :func:`lock_accounts` to read with the account.
+    loaded: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,25 +78,39 @@ class Lot:
     expires_at: datetime | None
 
 
-_ACCOUNT_COLUMNS = (
-    "a.customer_ref, c.customer_id, a.available, a.pending, a.lifetime_earned, a.debt, a.tier,"
-    " a.tier_since, a.tier_review_at"
+_ACCOUNT_FIELDS = (
+    "customer_ref",
+    "customer_id",
+    "available",
+    "pending",
+    "lifetime_earned",
+    "debt",
+    "tier",
+    "tier_since",
+    "tier_review_at",
+)
+_ACCOUNT_COLUMNS = ", ".join(
+    f"c.{name}" if name == "customer_id" else f"a.{name}" for name in _ACCOUNT_FIELDS
 )
 
 
-_LOCK_SQL = (
-    f"SELECT {_ACCOUNT_COLUMNS} FROM loyalty_accounts a JOIN customers c"
-    " ON c.id = a.customer_ref WHERE a.customer_ref = ANY($1::bigint[])"
-    " ORDER BY a.customer_ref FOR UPDATE OF a"
-)
+async def lock_accounts(
+    conn: TenantConn, refs: Iterable[int], extra: str = "", *args: Any
+) -> dict[int, Account]:
+    """Each customer's account, created if new, locked until the transaction ends.
 
-
-async def lock_accounts(conn: TenantConn, refs: Iterable[int]) -> dict[int, Account]:
-    """Each customer's account, created if new, locked until the transaction ends."""
+    ``extra`` adds select-list columns over ``loyalty_accounts a`` (parameters from ``$2``, given
+    in ``args``), read in the same round trip into :attr:`Account.loaded`.
+    """
     ordered = sorted(set(refs))
     if not ordered:
         return {}
-    rows = await conn.fetch(_LOCK_SQL, ordered)
+    sql = (
+        f"SELECT {_ACCOUNT_COLUMNS}{extra} FROM loyalty_accounts a JOIN customers c"
+        " ON c.id = a.customer_ref WHERE a.customer_ref = ANY($1::bigint[])"
+        " ORDER BY a.customer_ref FOR UPDATE OF a"
+    )
+    rows = await conn.fetch(sql, ordered, *args)
     if len(rows) < len(ordered):
         # First points for some: create their accounts (a concurrent creator wins harmlessly),
         # then lock them all again, in order.
@@ -95,7 +119,8 @@ async def lock_accounts(conn: TenantConn, refs: Iterable[int]) -> dict[int, Acco
             " ON CONFLICT DO NOTHING",
             ordered,
         )
-        rows = await conn.fetch(_LOCK_SQL, ordered)
+        rows = await conn.fetch(sql, ordered, *args)
+    own = frozenset(_ACCOUNT_FIELDS)
     return {
         row["customer_ref"]: Account(
             ref=row["customer_ref"],
@@ -107,6 +132,7 @@ async def lock_accounts(conn: TenantConn, refs: Iterable[int]) -> dict[int, Acco
             tier=row["tier"],
             tier_since=row["tier_since"],
             tier_review_at=row["tier_review_at"],
+            loaded={k: v for k, v in row.items() if k not in own},
         )
         for row in rows
     }
@@ -133,6 +159,7 @@ def append(
     account.available += available
     account.pending += pending
     account.lifetime_earned += lifetime
+    account.earned_here += lifetime
     account.changed = True
     account.entries.append(
         (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from api.db import TenantConn
 from api.loyalty.ledger import Account, emit
@@ -42,35 +43,49 @@ def multiplier_percent(program: Program, tier: str | None) -> int:
     return level.multiplier_percent if level is not None else 100
 
 
+class Params:
+    """Numbered query parameters added as a statement is put together ($1 is taken)."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def add(self, value: Any, cast: str) -> str:
+        self.values.append(value)
+        return f"${len(self.values) + 1}::{cast}"
+
+
+def window_value_sql(program: Program, now: datetime, params: Params) -> str:
+    """A scalar subquery over ``a.customer_ref``: what counts for tiers in the rolling window
+    up to ``now`` (points earned less reversed, or purchases less refunds in minor units)."""
+    since = params.add(now - timedelta(days=program.tiers.window_days), "timestamptz")
+    until = params.add(now, "timestamptz")
+    if program.tiers.basis == "points_earned":
+        return (
+            "(SELECT coalesce(sum(e.lifetime_delta), 0) FROM loyalty_entries e"
+            " WHERE e.customer_ref = a.customer_ref AND e.kind IN ('earn', 'reverse')"
+            f" AND e.occurred_at > {since} AND e.occurred_at <= {until})"
+        )
+    currency = params.add(program.spend.currency, "text")
+    return (
+        "(SELECT coalesce(sum(CASE t.type WHEN 'purchase' THEN t.amount ELSE -t.amount END), 0)"
+        " FROM touchpoints t WHERE t.customer_ref = a.customer_ref"
+        f" AND t.type IN ('purchase', 'refund') AND t.currency = {currency}"
+        f" AND t.occurred_at > {since} AND t.occurred_at <= {until})"
+    )
+
+
 async def window_values(
     conn: TenantConn, program: Program, refs: Iterable[int], now: datetime
 ) -> dict[int, int]:
-    """What each customer did in the tier window up to ``now`` (points or minor units)."""
-    since = now - timedelta(days=program.tiers.window_days)
-    refs = list(refs)
-    if program.tiers.basis == "points_earned":
-        rows = await conn.fetch(
-            "SELECT customer_ref, sum(lifetime_delta) AS value FROM loyalty_entries"
-            " WHERE customer_ref = ANY($1::bigint[]) AND kind IN ('earn', 'reverse')"
-            " AND occurred_at > $2 AND occurred_at <= $3 GROUP BY customer_ref",
-            refs,
-            since,
-            now,
-        )
-    else:
-        rows = await conn.fetch(
-            "SELECT customer_ref, sum(CASE type WHEN 'purchase' THEN amount ELSE -amount END)"
-            " AS value FROM touchpoints WHERE customer_ref = ANY($1::bigint[])"
-            " AND type IN ('purchase', 'refund') AND currency = $2"
-            " AND occurred_at > $3 AND occurred_at <= $4 GROUP BY customer_ref",
-            refs,
-            program.spend.currency,
-            since,
-            now,
-        )
-    values = dict.fromkeys(refs, 0)
-    values.update({row["customer_ref"]: int(row["value"]) for row in rows})
-    return values
+    """What each customer did in the tier window up to ``now``."""
+    params = Params()
+    value = window_value_sql(program, now, params)
+    rows = await conn.fetch(
+        f"SELECT a.customer_ref, {value} AS value FROM unnest($1::bigint[]) AS a(customer_ref)",
+        list(refs),
+        *params.values,
+    )
+    return {row["customer_ref"]: int(row["value"]) for row in rows}
 
 
 def move_tier(account: Account, program: Program, to: int, reason: str, now: datetime) -> None:
