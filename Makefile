@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test install lint format typecheck pytest bench bench-tenancy bench-http bench-journey openapi lock clean
+.PHONY: run test install lint format typecheck pytest bench bench-tenancy bench-http bench-journey bench-loyalty openapi lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -43,7 +43,10 @@ bench-http: install ## the real server: auth cost, ingest (single, batch), profi
 bench-journey: install ## 100k customers / 2M touchpoints: stage cost, RFM time, analytics p95
 	$(PY) -m bench.journey
 
-bench: bench-tenancy bench-http bench-journey
+bench-loyalty: install ## loyalty programme vs none: single-purchase ingest (alternating, medians), redemption p99 hot/many
+	$(PY) -m bench.loyalty
+
+bench: bench-tenancy bench-http bench-journey bench-loyalty
 
 openapi: install ## regenerate the committed spec
 	$(PY) -m api openapi > openapi/openapi.json
