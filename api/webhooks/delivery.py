@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import msgspec
@@ -39,6 +40,8 @@ log = logging.getLogger("sjaak.webhooks")
 LEASE = timedelta(seconds=60)
 #: Delivery jobs running at once, across all workers.
 CONCURRENCY = 50
+#: How long a worker trusts its answer to "is this shop active?".
+SHOP_CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -207,16 +210,27 @@ async def deliver(
     )
 
 
+#: Shops looked up recently: tenant id -> (until when the answer holds, the shop or None).
+_shops: dict[UUID, tuple[float, Tenant | None]] = {}
+
+
 async def _serving_shop(db: Database, job: DeliveryJob) -> Tenant | None:
     """The job's shop while it is active. A suspended shop's deliveries stay pending (the
-    dispatcher queues them again once it is resumed); a deleted shop's are gone with it."""
-    try:
-        record = await get_tenant(db, job.tenant)
-    except TenantNotFound:
-        return None
-    if record.status != "active" or record.schema_name != job.schema:
-        return None
-    return record.as_tenant()
+    dispatcher queues them again once it is resumed); a deleted shop's are gone with it. The
+    answer is kept for :data:`SHOP_CACHE_SECONDS`, so a burst of deliveries looks it up once."""
+    now = time.monotonic()
+    cached = _shops.get(job.tenant)
+    if cached is None or cached[0] < now:
+        try:
+            record = await get_tenant(db, job.tenant)
+            shop = record.as_tenant() if record.status == "active" else None
+        except TenantNotFound:
+            shop = None
+        if len(_shops) > 10_000:
+            _shops.clear()
+        cached = _shops[job.tenant] = (now + SHOP_CACHE_SECONDS, shop)
+    shop = cached[1]
+    return shop if shop is not None and shop.schema == job.schema else None
 
 
 async def _claim(conn: TenantConn, job: DeliveryJob) -> Claim | None:

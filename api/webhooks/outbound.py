@@ -56,8 +56,10 @@ async def post(
     *,
     allow_http: bool,
     allow_loopback: bool,
+    tls: ssl.SSLContext = _TLS,
 ) -> Outcome:
-    """POST ``body`` to ``url`` if the SSRF guard lets it; never raises for network trouble."""
+    """POST ``body`` to ``url`` if the SSRF guard lets it; never raises for network trouble.
+    ``tls`` verifies the server (the public CAs; tests bring their own)."""
     started = time.perf_counter()
 
     def elapsed() -> int:
@@ -73,7 +75,7 @@ async def post(
             error = "no address to connect to"
             for address in addresses[:MAX_ADDRESSES]:
                 try:
-                    status, excerpt = await _post_to(target, address, headers, body)
+                    status, excerpt = await _post_to(target, address, headers, body, tls)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                     error = _describe(exc)
                     continue
@@ -86,13 +88,17 @@ async def post(
 
 
 async def _post_to(
-    target: Target, address: IPAddress, headers: Mapping[str, str], body: bytes
+    target: Target,
+    address: IPAddress,
+    headers: Mapping[str, str],
+    body: bytes,
+    tls: ssl.SSLContext,
 ) -> tuple[int, str]:
     url = httpx.URL(target.url).copy_with(host=address.compressed)
     # The name stays in TLS: SNI and the certificate check use it, not the address.
     extensions = {"sni_hostname": target.host} if target.address is None else {}
     async with httpx.AsyncClient(
-        verify=_TLS,
+        verify=tls,
         timeout=TIMEOUT,
         follow_redirects=False,
         trust_env=False,
