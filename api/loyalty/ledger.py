@@ -52,6 +52,8 @@ class Account:
     #: (from, to, reason, when)
     tier_changes: list[tuple[str | None, str | None, str, datetime]] = field(default_factory=list)
     changed: bool = False
+    #: The tier changed other than by a recorded change (a merge): copy it to the profile.
+    tier_moved: bool = False
     #: Lifetime points earned (less reversed) by this transaction's entries, saved or not.
     earned_here: int = 0
     #: Extra columns the caller asked :func:`lock_accounts` to read with the account.
@@ -189,62 +191,68 @@ def emit(account: Account, event_type: str, payload: dict[str, Any], at: datetim
     account.events.append((event_type, {"customer_id": account.customer_id, **payload}, at))
 
 
-# Everything a transaction changed in the ledger, in one statement: new lots, then the entries
-# (joined to the lots they made by key, in the order they were appended), events, tier changes,
-# the accounts, and the tier copied to the profile (where journey rules read it).
-_SAVE_SQL = """
-WITH lots AS (
+# Everything a transaction changed in the ledger goes out in one statement, made of the parts
+# this save needs: new lots, then the entries (joined to the lots they made by key, in the order
+# they were appended), events, tier changes, the accounts, and the tier copied to the profile
+# (where journey rules read it). Fewer parts plan faster; each shape is prepared once per
+# connection.
+_LOTS = """lots AS (
     INSERT INTO loyalty_lots (customer_ref, points, remaining, state, order_id, earned_at,
         activates_at, expires_at, source)
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-        $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[])
+    SELECT * FROM unnest({}::bigint[], {}::bigint[], {}::bigint[], {}::text[], {}::text[],
+        {}::timestamptz[], {}::timestamptz[], {}::timestamptz[], {}::text[])
     RETURNING id, source
-),
-entries AS (
+)"""
+_ENTRIES = """entries AS (
     INSERT INTO loyalty_entries (customer_ref, kind, available_delta, pending_delta,
         lifetime_delta, available_after, pending_after, lifetime_after, reason, event_id,
         order_id, redemption_id, actor, lot_id, occurred_at, dedupe_key)
     SELECT e.ref, e.kind, e.available, e.pending, e.lifetime, e.available_after,
         e.pending_after, e.lifetime_after, e.reason, e.event_id, e.order_id, e.redemption_id,
-        e.actor, coalesce(e.lot_id, lots.id), e.at, e.dedupe_key
-    FROM unnest($10::bigint[], $11::text[], $12::bigint[], $13::bigint[], $14::bigint[],
-        $15::bigint[], $16::bigint[], $17::bigint[], $18::text[], $19::text[], $20::text[],
-        $21::text[], $22::text[], $23::bigint[], $24::text[], $25::timestamptz[], $26::text[])
+        e.actor, {lot_id}, e.at, e.dedupe_key
+    FROM unnest({}::bigint[], {}::text[], {}::bigint[], {}::bigint[], {}::bigint[],
+        {}::bigint[], {}::bigint[], {}::bigint[], {}::text[], {}::text[], {}::text[],
+        {}::text[], {}::text[], {}::bigint[], {}::text[], {}::timestamptz[], {}::text[])
         WITH ORDINALITY AS e(ref, kind, available, pending, lifetime, available_after,
             pending_after, lifetime_after, reason, event_id, order_id, redemption_id, actor,
             lot_id, new_lot, at, dedupe_key, n)
-    LEFT JOIN lots ON lots.source = e.new_lot
+    {join}
     ORDER BY e.n
-),
-events AS (
+)"""
+_EVENTS = """events AS (
     INSERT INTO outbox (type, customer_ref, payload, occurred_at)
     SELECT t, r, p::jsonb, at
-    FROM unnest($27::text[], $28::bigint[], $29::text[], $30::timestamptz[]) AS u(t, r, p, at)
-),
-tier_changes AS (
+    FROM unnest({}::text[], {}::bigint[], {}::text[], {}::timestamptz[]) AS u(t, r, p, at)
+)"""
+_TIER_CHANGES = """tier_changes AS (
     INSERT INTO loyalty_tier_changes (customer_ref, from_tier, to_tier, reason, occurred_at)
-    SELECT * FROM unnest($31::bigint[], $32::text[], $33::text[], $34::text[],
-        $35::timestamptz[])
-),
-u AS (
-    SELECT * FROM unnest($36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[],
-        $40::bigint[], $41::text[], $42::timestamptz[], $43::timestamptz[])
+    SELECT * FROM unnest({}::bigint[], {}::text[], {}::text[], {}::text[], {}::timestamptz[])
+)"""
+_BALANCES = """u AS (
+    SELECT * FROM unnest({}::bigint[], {}::bigint[], {}::bigint[], {}::bigint[],
+        {}::bigint[], {}::text[], {}::timestamptz[], {}::timestamptz[])
         AS u(ref, available, pending, lifetime, debt, tier, tier_since, review)
-),
-accounts AS (
-    UPDATE loyalty_accounts a SET available = u.available, pending = u.pending,
-        lifetime_earned = u.lifetime, debt = u.debt, tier = u.tier,
-        tier_since = u.tier_since, tier_review_at = u.review, updated_at = now()
-    FROM u WHERE a.customer_ref = u.ref
-)
-UPDATE customers c SET loyalty_tier = u.tier
-FROM u WHERE c.id = u.ref AND c.loyalty_tier IS DISTINCT FROM u.tier
-"""
+)"""
+_UPDATE_ACCOUNTS = """UPDATE loyalty_accounts a SET available = u.available, pending = u.pending,
+    lifetime_earned = u.lifetime, debt = u.debt, tier = u.tier,
+    tier_since = u.tier_since, tier_review_at = u.review, updated_at = now()
+FROM u WHERE a.customer_ref = u.ref"""
+_UPDATE_PROFILES = """UPDATE customers c SET loyalty_tier = u.tier
+FROM u WHERE c.id = u.ref AND c.loyalty_tier IS DISTINCT FROM u.tier"""
 
 
-def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows to the column arrays ``unnest`` takes (``width`` columns, also when empty)."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+class _Statement:
+    """The parts of a save and their parameters, numbered as they are added."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, template: str, rows: list[tuple[Any, ...]], width: int, **named: str) -> None:
+        columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[]] * width
+        first = len(self.args) + 1
+        self.args.extend(columns)
+        self.parts.append(template.format(*(f"${first + i}" for i in range(width)), **named))
 
 
 async def save(conn: TenantConn, accounts: Iterable[Account]) -> None:
@@ -269,20 +277,33 @@ async def save(conn: TenantConn, accounts: Iterable[Account]) -> None:
         )
         for a in changed
     ]
-    await conn.execute(
-        _SAVE_SQL,
-        *_columns(lots, 9),
-        *_columns(entries, 17),
-        *_columns(events, 4),
-        *_columns(tier_changes, 5),
-        *_columns(balances, 8),
-    )
+    statement = _Statement()
+    if lots:
+        statement.add(_LOTS, lots, 9)
+    if entries:
+        joined = {
+            "lot_id": "coalesce(e.lot_id, lots.id)",
+            "join": "LEFT JOIN lots ON lots.source = e.new_lot",
+        }
+        plain = {"lot_id": "e.lot_id", "join": ""}
+        statement.add(_ENTRIES, entries, 17, **(joined if lots else plain))
+    if events:
+        statement.add(_EVENTS, events, 4)
+    if tier_changes:
+        statement.add(_TIER_CHANGES, tier_changes, 5)
+    statement.add(_BALANCES, balances, 8)
+    if tier_changes or any(a.tier_moved for a in changed):
+        statement.parts.append(f"accounts AS ({_UPDATE_ACCOUNTS})")
+        final = _UPDATE_PROFILES
+    else:
+        final = _UPDATE_ACCOUNTS
+    await conn.execute(f"WITH {', '.join(statement.parts)} {final}", *statement.args)
     for account in changed:
         account.new_lots.clear()
         account.entries.clear()
         account.events.clear()
         account.tier_changes.clear()
-        account.changed = False
+        account.changed = account.tier_moved = False
 
 
 async def seen(conn: TenantConn, dedupe_keys: Sequence[str]) -> set[str]:
@@ -533,5 +554,5 @@ async def merge_accounts(conn: TenantConn, absorbed: int, survivor: int) -> None
         kept.tier_review_at = gone.tier_review_at
     gone.available = gone.pending = gone.lifetime_earned = gone.debt = 0
     gone.tier = gone.tier_since = gone.tier_review_at = None
-    kept.changed = gone.changed = True
+    kept.changed = gone.changed = kept.tier_moved = gone.tier_moved = True
     await save(conn, [kept, gone])
