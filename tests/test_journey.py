@@ -776,3 +776,34 @@ async def test_a_hand_set_stage_holds_until_the_rules_earn_more(
     body = await journey(api, key, customer)
     assert body["stage"] == "advocacy"
     assert body["history"][-1]["touchpoint_id"] == "held-review"
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+async def test_stage_changes_of_known_customers_and_erasures_become_events(
+    api: httpx.AsyncClient, provision: ProvisionFactory, db: Database
+) -> None:
+    shop = await provision(unique("Eventful shop"))
+    await send(api, shop.secret_key, touchpoint(unique("anon"), anonymous_id="just-looking"))
+    await buyer(api, shop, "eve")
+    await travel_back(db, shop, "eve", 100)
+    assert await run_drift(db, shop) == 1
+
+    async def events(kind: str) -> list[dict[str, Any]]:
+        async with tenant_tx(db, shop.tenant.as_tenant()) as conn:
+            rows = await conn.fetch("SELECT payload FROM outbox WHERE type = $1 ORDER BY id", kind)
+        return [r["payload"] for r in rows]
+
+    moves = [
+        (e["customer_id"], e["from"], e["to"], e["cause"])
+        for e in await events("customer.stage_changed")
+    ]
+    assert moves == [
+        ("eve", "awareness", "acquisition", "touchpoint"),
+        ("eve", "acquisition", "at_risk", "drift"),
+    ]
+    erased = await api.delete("/v1/customers/eve", headers=bearer(shop.secret_key))
+    assert erased.status_code == 200, erased.text
+    assert await events("customer.stage_changed") == []  # they named the person
+    assert await events("customer.deleted") == [{"customer_ids": ["eve"]}]

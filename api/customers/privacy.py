@@ -12,6 +12,7 @@ from typing import Any
 
 from api.db import TenantConn
 from api.touchpoints.ingest import suppression_hash
+from api.webhooks.events import publish
 
 ACCOUNTING_TYPES = ("purchase", "refund")
 #: Rows about the person that go with the profile: journey history, offers and campaign
@@ -96,6 +97,9 @@ async def erase(conn: TenantConn, ref: int) -> dict[str, int]:
         "UPDATE customers SET merged_into = NULL WHERE id = ANY($1::bigint[])", family
     )
     await conn.execute("DELETE FROM customers WHERE id = ANY($1::bigint[])", family)
+    customer_ids = [r["value"] for r in ids if r["kind"] == "customer_id"]
+    # About no profile any more: the customer's own events went with it, this one stays.
+    await publish(conn, "customer.deleted", {"customer_ids": customer_ids})
     return {
         "profiles": len(family),
         "ids": len(ids),

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from api.db import Database, Tenant, TenantConn
 from api.journey.rules import drift_sql
-from api.journey.stages import current_rules
+from api.journey.stages import STAGE_EVENTS_SQL, current_rules
 from api.tenants.fanout import in_every_shop
 
 # $1 now, $2..$4 the reasons recorded for a move to lapsed, to at_risk, and back to the reached
@@ -36,11 +36,18 @@ moved AS (
     FROM due
     WHERE c.id = due.id
     RETURNING c.id, due.from_stage, due.to_stage, c.stage_since
-)
-INSERT INTO stage_transitions (customer_ref, from_stage, to_stage, occurred_at, cause, reason)
-SELECT moved.id, moved.from_stage, moved.to_stage, moved.stage_since, 'drift',
-    CASE moved.to_stage WHEN 'lapsed' THEN $2 WHEN 'at_risk' THEN $3 ELSE $4 END
-FROM moved"""
+),
+transitions AS (
+    INSERT INTO stage_transitions (customer_ref, from_stage, to_stage, occurred_at, cause,
+        reason)
+    SELECT moved.id, moved.from_stage, moved.to_stage, moved.stage_since, 'drift',
+        CASE moved.to_stage WHEN 'lapsed' THEN $2 WHEN 'at_risk' THEN $3 ELSE $4 END
+    FROM moved
+    RETURNING *
+),
+events AS ({STAGE_EVENTS_SQL})
+SELECT count(*) FROM transitions
+"""
 
 
 async def apply_drift(conn: TenantConn, schema: str, now: datetime | None = None) -> int:
@@ -49,14 +56,14 @@ async def apply_drift(conn: TenantConn, schema: str, now: datetime | None = None
     _, rules = await current_rules(conn, schema)
     target = f"coalesce({drift_sql(rules, '$1::timestamptz')}, c.reached_stage)"
     at_risk, lapsed = rules.drift.at_risk_after_days, rules.drift.lapsed_after_days
-    status = await conn.execute(
-        _DRIFT_SQL.format(target=target),
+    moved: int = await conn.fetchval(
+        _DRIFT_SQL.format(target=target, STAGE_EVENTS_SQL=STAGE_EVENTS_SQL),
         now or datetime.now(UTC),
         f"no purchase in {lapsed} days",
         f"no purchase in {at_risk} days",
         f"a purchase within {at_risk} days",
     )
-    return int(status.rsplit(" ", 1)[-1])
+    return moved
 
 
 async def apply_drift_all_shops(db: Database) -> int:

@@ -123,6 +123,19 @@ async def advance_stages(
     return moves
 
 
+#: Appended to a statement whose CTE ``transitions`` returns new ``stage_transitions`` rows:
+#: a ``customer.stage_changed`` event for each known customer's move, in the same statement.
+STAGE_EVENTS_SQL = """
+INSERT INTO outbox (type, customer_ref, payload, occurred_at)
+SELECT 'customer.stage_changed', t.customer_ref,
+    jsonb_build_object('customer_id', c.customer_id, 'from', t.from_stage, 'to', t.to_stage,
+        'cause', t.cause, 'touchpoint_event_id', t.touchpoint_event_id,
+        'occurred_at', t.occurred_at),
+    t.occurred_at
+FROM transitions t JOIN customers c ON c.id = t.customer_ref
+WHERE c.customer_id IS NOT NULL"""
+
+
 async def record_moves(
     conn: TenantConn,
     moves: Sequence[Move],
@@ -149,11 +162,11 @@ async def record_moves(
     changed = [m for m in moves if m.from_stage != m.to_stage]
     if changed:
         await conn.execute(
-            "INSERT INTO stage_transitions (customer_ref, from_stage, to_stage, occurred_at,"
-            " cause, touchpoint_event_id, actor, reason)"
+            "WITH transitions AS (INSERT INTO stage_transitions (customer_ref, from_stage,"
+            " to_stage, occurred_at, cause, touchpoint_event_id, actor, reason)"
             " SELECT r, f, t, a, $6, e, $7, $8"
             " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::text[])"
-            " AS u(r, f, t, a, e)",
+            f" AS u(r, f, t, a, e) RETURNING *) {STAGE_EVENTS_SQL}",
             [m.ref for m in changed],
             [m.from_stage for m in changed],
             [m.to_stage for m in changed],

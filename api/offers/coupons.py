@@ -13,7 +13,8 @@ from api.loyalty import ledger
 from api.loyalty.ledger import Source
 from api.loyalty.program import current_program, expires_at
 from api.offers.campaigns import Reward, get
-from api.offers.decide import _OFFER_COLUMNS, OfferView, offer_view, publish
+from api.offers.decide import _OFFER_COLUMNS, OfferView, offer_view
+from api.webhooks.events import publish
 
 NOT_REDEEMABLE = "offer-not-redeemable"
 PROBLEM_TYPES[NOT_REDEEMABLE] = ProblemType(
@@ -102,7 +103,9 @@ async def redeem(
         redeemed_order_id=order.order_id,
         discount=discount,
     )
-    await publish(conn, "offer.redeemed", customer_ref, msgspec.to_builtins(redeemed), now)
+    await publish(
+        conn, "offer.redeemed", msgspec.to_builtins(redeemed), customer_ref, occurred_at=now
+    )
     return redeemed
 
 

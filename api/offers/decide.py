@@ -19,6 +19,7 @@ import msgspec
 
 from api.db import TenantConn
 from api.offers.campaigns import Campaign, Reward, Targeting
+from api.webhooks.events import publish
 
 Arm = Literal["treatment", "holdout"]
 #: No look-alikes (0/O, 1/I/L): codes are read aloud and typed in.
@@ -377,23 +378,11 @@ async def issue(
             cause,
         )
         if inserted is not None:
-            await publish(conn, "offer.issued", profile.ref, msgspec.to_builtins(view), now)
+            await publish(
+                conn, "offer.issued", msgspec.to_builtins(view), profile.ref, occurred_at=now
+            )
             return view
     raise RuntimeError("could not draw a unique coupon code")
-
-
-async def publish(
-    conn: TenantConn, event_type: str, ref: int, payload: dict[str, Any], at: datetime
-) -> None:
-    """A domain event in the shop's outbox, in the caller's transaction."""
-    await conn.execute(
-        "INSERT INTO outbox (type, customer_ref, payload, occurred_at)"
-        " VALUES ($1, $2, $3::text::jsonb, $4)",
-        event_type,
-        ref,
-        _encode(payload).decode(),
-        at,
-    )
 
 
 async def customer_offers(
