@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test install lint format typecheck pytest bench bench-tenancy bench-http bench-journey bench-loyalty openapi lock clean
+.PHONY: run test install lint format typecheck pytest bench bench-tenancy bench-http bench-journey bench-loyalty bench-offers openapi lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -46,7 +46,10 @@ bench-journey: install ## 100k customers / 2M touchpoints: stage cost, RFM time,
 bench-loyalty: install ## loyalty programme vs none: single-purchase ingest (alternating, medians), redemption p99 hot/many
 	$(PY) -m bench.loyalty
 
-bench: bench-tenancy bench-http bench-journey bench-loyalty
+bench-offers: install ## 100k customers, 20 campaigns: offer decisions (dry run) and issuing, req/s and p99; webhook delivery
+	$(PY) -m bench.offers
+
+bench: bench-tenancy bench-http bench-journey bench-loyalty bench-offers
 
 openapi: install ## regenerate the committed spec
 	$(PY) -m api openapi > openapi/openapi.json
