@@ -1111,3 +1111,20 @@ async def test_every_query_prepares_against_a_shop_schema(
             assert "SELECT *" not in sql and "shop_" not in sql and "sjaak." not in sql, name
             await conn.prepare(sql)
         assert await dispatch.prune_events(conn) == 0
+
+
+async def test_pruning_removes_old_dispatched_outbox_rows_only(
+    db: Database, provision: ProvisionFactory
+) -> None:
+    shop = await provision(unique("Pruned outbox"))
+    async with tenant_tx(db, tenant_of(shop)) as conn:
+        for _ in range(3):
+            await publish(conn, "customer.deleted", {"customer_ids": ["x"]})
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")]
+        await conn.execute(
+            "UPDATE outbox SET delivered_at = now() - interval '31 days' WHERE id = $1", ids[0]
+        )
+        await conn.execute("UPDATE outbox SET delivered_at = now() WHERE id = $1", ids[1])
+        assert await dispatch.prune_events(conn) == 1
+        left = [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")]
+    assert left == ids[1:]

@@ -16,8 +16,8 @@ from api.webhooks.events import publish
 
 ACCOUNTING_TYPES = ("purchase", "refund")
 #: Rows about the person that go with the profile: journey history, offers and campaign
-#: assignments, the points ledger (an erased customer's points are forfeited) and undelivered
-#: events naming them.
+#: assignments, the points ledger (an erased customer's points are forfeited), and events about
+#: them (undispatched, or kept for webhook deliveries and their logs).
 ERASED_WITH_PROFILE = (
     "stage_transitions",
     "offer_triggers",
@@ -30,6 +30,7 @@ ERASED_WITH_PROFILE = (
     "loyalty_tier_changes",
     "loyalty_accounts",
     "outbox",
+    "webhook_events",
 )
 
 _TOUCHPOINT_COLUMNS = (
