@@ -549,6 +549,97 @@ async def test_attribution_of_one_acquisition_channel(
     assert web["linear"] == credit(1.1667, EUR=6833)
 
 
+async def test_attribution_window_edges_and_order(
+    api: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    # One customer, a look-back of 1 day (24 hours), two purchases:
+    #   hour  23.5 email_open  ads     x
+    #   hour  24   page_view   web     -
+    #   hour  26   purchase q  web               2000 EUR
+    #   hour  30   email_click email   a     } the same instant: stored order decides
+    #   hour  30   page_view   social  b     }
+    #   hour  48   purchase p  web               1000 EUR
+    #   hour  48   page_view   mobile_app z   (not before p: no touch of p)
+    # q [2, 26): the ads touch and the web one, n = 2. p [24, 48): web (at exactly 24 hours
+    # before, so in), email, social (the later stored of the two at hour 30, so last), n = 3;
+    # q itself is a purchase, so no touch of p.
+    # Linear: ads 1000, web 1000 + 333.33, email 333.33, social 333.33: 2999 whole units, the
+    # one left goes to the first of the equal remainders by name (email; for campaigns,
+    # "(none)"). Position: q 50/50; p web 40%, email 20%, social 40%.
+    shop = await provision()
+    await seed(
+        api,
+        shop.secret_key,
+        [
+            tp("ivy-1", "ivy", 23.5, "email_open", "ads", "x"),
+            tp("ivy-2", "ivy", 24),
+            tp("ivy-3", "ivy", 26, "purchase", amount=2000),
+            tp("ivy-4", "ivy", 30, "email_click", "email", "a"),
+            tp("ivy-5", "ivy", 30, channel="social", campaign="b"),
+            tp("ivy-6", "ivy", 48, "purchase", amount=1000),
+            tp("ivy-7", "ivy", 48, channel="mobile_app", campaign="z"),
+        ],
+    )
+    body = await get(api, shop.secret_key, ATTRIBUTION, lookback_days=1)
+    assert (body["purchases"], body["purchases_without_prior_touch"]) == (2, 0)
+    assert body["revenue"] == {"EUR": 3000}
+    none = credit(0.0, EUR=0)
+    assert body["by_channel"] == [
+        row(
+            "channel",
+            "ads",
+            credit(1.0, EUR=2000),
+            none,
+            credit(0.5, EUR=1000),
+            credit(0.5, EUR=1000),
+        ),
+        row("channel", "email", none, none, credit(0.3333, EUR=334), credit(0.2, EUR=200)),
+        row(
+            "channel",
+            "social",
+            none,
+            credit(1.0, EUR=1000),
+            credit(0.3333, EUR=333),
+            credit(0.4, EUR=400),
+        ),
+        row(
+            "channel",
+            "web",
+            credit(1.0, EUR=1000),
+            credit(1.0, EUR=2000),
+            credit(0.8333, EUR=1333),
+            credit(0.9, EUR=1400),
+        ),
+    ]
+    assert body["by_utm_campaign"] == [
+        row(
+            "utm_campaign",
+            "(none)",
+            credit(1.0, EUR=1000),
+            credit(1.0, EUR=2000),
+            credit(0.8333, EUR=1334),
+            credit(0.9, EUR=1400),
+        ),
+        row("utm_campaign", "a", none, none, credit(0.3333, EUR=333), credit(0.2, EUR=200)),
+        row(
+            "utm_campaign",
+            "b",
+            none,
+            credit(1.0, EUR=1000),
+            credit(0.3333, EUR=333),
+            credit(0.4, EUR=400),
+        ),
+        row(
+            "utm_campaign",
+            "x",
+            credit(1.0, EUR=2000),
+            none,
+            credit(0.5, EUR=1000),
+            credit(0.5, EUR=1000),
+        ),
+    ]
+
+
 async def test_stage_flow(api: httpx.AsyncClient, shop_key: str) -> None:
     body = await get(api, shop_key, FLOW)
     assert body == {
