@@ -549,6 +549,22 @@ async def test_attribution_of_one_acquisition_channel(
     assert web["linear"] == credit(1.1667, EUR=6833)
 
 
+async def test_a_purchase_without_touches_is_credited_to_its_own_channel_and_campaign(
+    api: httpx.AsyncClient, provision: ProvisionFactory
+) -> None:
+    shop = await provision()
+    await seed(
+        api,
+        shop.secret_key,
+        [tp("solo-1", "solo", 10, "purchase", "store", "flyer", amount=4200)],
+    )
+    body = await get(api, shop.secret_key, ATTRIBUTION)
+    assert (body["purchases"], body["purchases_without_prior_touch"]) == (1, 1)
+    whole = credit(1.0, EUR=4200)
+    assert body["by_channel"] == [row("channel", "store", whole, whole, whole, whole)]
+    assert body["by_utm_campaign"] == [row("utm_campaign", "flyer", whole, whole, whole, whole)]
+
+
 async def test_attribution_window_edges_and_order(
     api: httpx.AsyncClient, provision: ProvisionFactory
 ) -> None:

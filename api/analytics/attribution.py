@@ -59,14 +59,11 @@ def _attribution_sql(with_channel: bool) -> str:
         f"sum({model} * pairs) AS {model}_purchases, sum({model} * amount) AS {model}_revenue"
         for model in MODELS
     )
-    # A purchase without touches is credited to its own channel but to the campaign
-    # '(none)', not to its own campaign as the docstring says: that is what this endpoint has
-    # always answered, so it is kept until that difference is decided.
     return f"""
 WITH pairs AS (
     SELECT coalesce(p.amount, 0) AS amount, p.currency,
         coalesce(t.channel, p.channel) AS channel,
-        coalesce(t.campaign, '{NO_CAMPAIGN}') AS campaign,
+        CASE WHEN t.n IS NULL THEN {_CAMPAIGN.format("p")} ELSE t.campaign END AS campaign,
         coalesce(t.n, 0) AS n, t.position
     FROM customers AS c
     JOIN touchpoints AS p ON p.customer_ref = c.id
