@@ -18,6 +18,7 @@ from api.auth.oauth import OAuthError, handle_oauth_error, oauth_routes
 from api.auth.openapi import document_security
 from api.auth.routes import ApiKeyController, whoami
 from api.auth.secrets import Keyring
+from api.billing.routes import billing_routes
 from api.config import Settings
 from api.customers.identity_routes import identity_routes
 from api.customers.routes import CustomerController
@@ -89,6 +90,7 @@ def create_app(settings: Settings, *, database: Database | None = None) -> Lites
             *loyalty_routes,
             *offer_routes,
             *webhook_routes,
+            *billing_routes,
             *oauth_routes,
         ],
         before_request=authorize_request,

@@ -8,6 +8,8 @@ from typing import Literal
 
 import msgspec
 
+from api.billing.plans import parse_plans
+
 ENV_PREFIX = "SJAAK_"
 
 
@@ -53,6 +55,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     bench_echo: bool = False
     #: Let webhooks go to loopback addresses (``http://127.0.0.1:…``), for development only.
     webhooks_allow_loopback: bool = False
+    #: Billing (README "Billing"): plan overrides as JSON (``api/billing/plans.py``), the grace
+    #: period of a failed payment, and whether ingest counts usage (off only for benchmarks).
+    billing_plans: str = ""
+    billing_grace_days: int = 7
+    usage_metering: bool = True
+    #: Where Checkout and the billing portal send the customer back; default ``<issuer>/``.
+    billing_return_url: str | None = None
+    #: Stripe: the secret key, the webhook signing secret (unset: the webhook answers 404), the
+    #: API's base address (unset: Stripe itself), the meter's event name and id.
+    stripe_api_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_base: str | None = None
+    stripe_meter_event_name: str = "sjaak_touchpoints"
+    stripe_meter_id: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -75,6 +91,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("SJAAK_BENCH_ECHO is for benchmarks, not production")
         if self.environment == "production" and self.webhooks_allow_loopback:
             raise ValueError("SJAAK_WEBHOOKS_ALLOW_LOOPBACK is for development, not production")
+        if self.billing_grace_days < 0:
+            raise ValueError("SJAAK_BILLING_GRACE_DAYS must be >= 0")
+        parse_plans(
+            self.billing_plans,
+            free_rate_per_second=self.shop_rate_limit_per_second,
+            free_burst=self.shop_rate_limit_burst,
+        )
         if self.environment == "production" and not self.database_url:
             raise ValueError("SJAAK_DATABASE_URL is required in production (no embedded server)")
 
@@ -96,7 +119,17 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
         for key, value in source.items()
         if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in fields
     }
-    for optional in ("database_url", "secret_key", "redis_url", "issuer"):
+    for optional in (
+        "database_url",
+        "secret_key",
+        "redis_url",
+        "issuer",
+        "billing_return_url",
+        "stripe_api_key",
+        "stripe_webhook_secret",
+        "stripe_api_base",
+        "stripe_meter_id",
+    ):
         if raw.get(optional) == "":
             raw.pop(optional)
     raw.update(overrides)

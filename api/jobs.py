@@ -63,6 +63,7 @@ class QueuedJob:
 
 def periodic_jobs() -> list[PeriodicJob]:
     """Every periodic job. To add one, add a line; the minutes are staggered to spread load."""
+    from api.billing import jobs as billing
     from api.idempotency import prune_expired_keys
     from api.journey.drift import apply_drift_all_shops
     from api.journey.rfm import recompute_rfm_all_shops
@@ -87,15 +88,17 @@ def periodic_jobs() -> list[PeriodicJob]:
         PeriodicJob("loyalty", "* * * * *", lambda job: loyalty_chores_all_shops(job.db)),
         PeriodicJob("webhooks-dispatch", "* * * * * */5", lambda job: dispatch_all_shops(job.db)),
         PeriodicJob("prune-webhook-events", "50 * * * *", lambda job: prune_all_shops(job.db)),
+        *billing.periodic(),
     ]
 
 
 def queued_jobs() -> list[QueuedJob]:
     """Every entrypoint :func:`enqueue` may name."""
+    from api.billing import jobs as billing
     from api.offers.triggers import DECIDE_ENTRYPOINT, decide_job
     from api.webhooks.delivery import delivery_job
 
-    return [QueuedJob(DECIDE_ENTRYPOINT, decide_job), delivery_job()]
+    return [QueuedJob(DECIDE_ENTRYPOINT, decide_job), delivery_job(), *billing.queued()]
 
 
 _ENQUEUE = QueryQueueBuilder(QUEUE_NAMES).build_enqueue_query("raise")

@@ -9,11 +9,12 @@ import logging
 from litestar.datastructures import State
 
 from api.auth.credentials import Authenticator
-from api.auth.guards import Limits
 from api.auth.rate_limit import RateLimit, build_rate_limiter
 from api.auth.revocations import RevocationFeed
 from api.auth.secrets import Keyring
 from api.auth.tokens import token_service
+from api.billing.accounts import Entitlements, PlanLimits
+from api.billing.plans import plan_book
 from api.config import Settings
 from api.db import Database
 
@@ -31,13 +32,13 @@ def install_services(state: State, settings: Settings, db: Database, keyring: Ke
         db, keyring, tokens, RevocationFeed(db, settings.revocation_poll_seconds)
     )
     state.rate_limiter = build_rate_limiter(settings.redis_url)
-    state.limits = Limits(
+    # Plans and status, kept as long as revocations may take to reach this process.
+    state.entitlements = Entitlements(db, plan_book(settings), ttl=settings.revocation_poll_seconds)
+    state.limits = PlanLimits(
         credential=RateLimit(
             per_second=settings.rate_limit_per_second, burst=settings.rate_limit_burst
         ),
-        shop=RateLimit(
-            per_second=settings.shop_rate_limit_per_second, burst=settings.shop_rate_limit_burst
-        ),
+        entitlements=state.entitlements,
     )
 
 

@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 UNLIMITED = "1000000000"
 PROFILE_ROUTE = "/v1/customers/{customer_id}"
+#: Usage is still counted, but Free's monthly quota never refuses a benchmark's touchpoints.
+LIFTED_QUOTA = '{"free": {"touchpoints_per_month": 1000000000000}}'
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(url: str, secret: str, workers: int, log: Path) -> Iterator[int]:
-    """``python -m api serve`` as production runs it, plus the echo route; rate limits lifted so
-    they do not bind; its log lines go to ``log``."""
+def running_server(
+    url: str, secret: str, workers: int, log: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[int]:
+    """``python -m api serve`` as production runs it, plus the echo route; rate limits and the
+    Free plan's monthly quota lifted so they do not bind; its log lines go to ``log``.
+    ``extra_env`` adds or overrides ``SJAAK_*`` variables."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SJAAK_")}
     env.update(
@@ -89,7 +94,9 @@ def running_server(url: str, secret: str, workers: int, log: Path) -> Iterator[i
         SJAAK_RATE_LIMIT_BURST=UNLIMITED,
         SJAAK_SHOP_RATE_LIMIT_PER_SECOND=UNLIMITED,
         SJAAK_SHOP_RATE_LIMIT_BURST=UNLIMITED,
+        SJAAK_BILLING_PLANS=LIFTED_QUOTA,
     )
+    env.update(extra_env or {})
     with log.open("wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "api", "serve", "--port", str(port), "--workers", str(workers)],

@@ -36,11 +36,15 @@ EXPOSED_HEADERS = "x-request-id, ratelimit-limit, ratelimit-remaining, ratelimit
 
 
 class Limits:
-    """The token buckets for one plan: per credential and per shop."""
+    """The token buckets: per credential, and per shop (``shop``, unless :meth:`for_shop` says
+    otherwise: billing gives each shop its plan's)."""
 
     def __init__(self, credential: RateLimit, shop: RateLimit) -> None:
         self.credential = credential
         self.shop = shop
+
+    async def for_shop(self, principal: Principal) -> RateLimit:
+        return self.shop
 
 
 def raw_header(scope: Any, name: bytes) -> str | None:
@@ -161,7 +165,7 @@ async def _spend_rate_limit(
     decision = await limiter.hit(principal.credential_id, limits.credential)
     # A request its own credential's bucket refuses must not spend the shop's budget too.
     if decision.allowed:
-        per_shop = await limiter.hit(principal.shop_bucket, limits.shop)
+        per_shop = await limiter.hit(principal.shop_bucket, await limits.for_shop(principal))
         if not per_shop.allowed or _fuller(decision, per_shop):
             decision = per_shop
     if not decision.allowed:

@@ -104,6 +104,12 @@ TABLES: dict[str, tuple[str, str]] = {
         "id, campaign_id, customer_ref, event_id, occurred_at, due_at, state, outcome, decided_at",
         "id",
     ),
+    "usage_log": ("period_start, touchpoints", "period_start"),
+    "usage_totals": ("period_start, touchpoints, folded_at", "period_start"),
+    "usage_alerts": (
+        "period_start, quota, percent, touchpoints, created_at",
+        "period_start, quota, percent",
+    ),
     # Hashes only: a restored shop must keep refusing the ids of people it erased.
     "suppressed_ids": ("value_hash, kind, suppressed_at", "value_hash"),
 }

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import asyncpg
 import msgspec
 
+from api.billing.usage import counting
 from api.db import TenantConn
 from api.journey import stages
 from api.journey.stages import PROFILE_COLUMNS
@@ -118,8 +119,12 @@ async def record(
     items: list[TouchpointIn | ItemResult],
     received_at: datetime,
     schema: str,
+    *,
+    usage_period: date | None = None,
 ) -> list[ItemResult]:
-    """Store a batch of ``schema``'s shop; returns one result per item, in order."""
+    """Store a batch of ``schema``'s shop; returns one result per item, in order. With
+    ``usage_period``, the touchpoints stored are counted into that month's usage (billing), in
+    the same statement that stores them."""
     validated = validate(items, received_at)
     if validated.candidates:
         all_ids = {key for c in validated.candidates for key in ids_of(c.item)}
@@ -129,7 +134,7 @@ async def record(
         candidates = _drop_suppressed(validated, resolved.suppressed)
         if candidates:
             await _assign_profiles(conn, candidates, resolved, all_ids)
-            inserted = await _insert(conn, candidates, received_at)
+            inserted = await _insert(conn, candidates, received_at, usage_period)
             stored = [c for c in candidates if c.item.id in inserted]
             # Points first: a tier reached now is on the profile when the stage is evaluated.
             settled = [earning.Stored(c.ref, c.item, c.occurred_at) for c in stored]
@@ -300,7 +305,25 @@ async def _absorb(
     await identity.absorb(conn, anonymous, customer)
 
 
-async def _insert(conn: TenantConn, candidates: list[Candidate], received_at: datetime) -> set[str]:
+_INSERT_SQL = """
+INSERT INTO touchpoints (event_id, customer_ref, type, channel, customer_id, anonymous_id,
+    occurred_at, sent_at, received_at, email, order_id, amount, currency, order_details,
+    properties, context)
+SELECT e, r, t, ch, cu, an, o, s, $16, em, oi, am, cur, od::jsonb, p::jsonb, cx::jsonb
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::bigint[],
+    $12::text[], $13::text[], $14::text[], $15::text[])
+    AS u(e, r, t, ch, cu, an, o, s, em, oi, am, cur, od, p, cx)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+#: The same, also counting the rows it stores into the month given as ``$17``.
+_INSERT_COUNTED_SQL = counting(_INSERT_SQL, 17)
+
+
+async def _insert(
+    conn: TenantConn, candidates: list[Candidate], received_at: datetime, usage_period: date | None
+) -> set[str]:
     """Insert in one statement; an id stored before comes back as not inserted (duplicate)."""
     columns: dict[str, list[object]] = defaultdict(list)
     for c in candidates:
@@ -321,19 +344,9 @@ async def _insert(conn: TenantConn, candidates: list[Candidate], received_at: da
         columns["order_details"].append(_order_details(item))
         columns["properties"].append(_encode(item.properties).decode())
         columns["context"].append(_encode(item.context).decode() if item.context else "{}")
+    counted = () if usage_period is None else (usage_period,)
     rows = await conn.fetch(
-        """
-        INSERT INTO touchpoints (event_id, customer_ref, type, channel, customer_id, anonymous_id,
-            occurred_at, sent_at, received_at, email, order_id, amount, currency, order_details,
-            properties, context)
-        SELECT e, r, t, ch, cu, an, o, s, $16, em, oi, am, cur, od::jsonb, p::jsonb, cx::jsonb
-        FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::bigint[],
-            $12::text[], $13::text[], $14::text[], $15::text[])
-            AS u(e, r, t, ch, cu, an, o, s, em, oi, am, cur, od, p, cx)
-        ON CONFLICT (event_id) DO NOTHING
-        RETURNING event_id
-        """,
+        _INSERT_SQL if usage_period is None else _INSERT_COUNTED_SQL,
         *(
             columns[name]
             for name in (
@@ -355,6 +368,7 @@ async def _insert(conn: TenantConn, candidates: list[Candidate], received_at: da
             )
         ),
         received_at,
+        *counted,
     )
     return {r["event_id"] for r in rows}
 

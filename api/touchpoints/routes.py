@@ -11,6 +11,7 @@ from litestar import Request, Response, post
 from litestar.datastructures import State
 
 from api.auth.guards import principal_of
+from api.billing.usage import admit_ingest
 from api.db import TenantConn
 from api.errors import FieldError, Problem, problem_responses
 from api.idempotency import idempotent_json
@@ -68,22 +69,33 @@ def _too_large(size: int, limit: int) -> Problem:
     summary="Record a touchpoint",
     status_code=201,
     request_max_body_size=MAX_ITEM_BYTES * 2,
-    responses=problem_responses(400, 401, 403, 413, 422, 429),
+    responses=problem_responses(400, 401, 402, 403, 413, 422, 429),
 )
 async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Record one touchpoint. Re-sending the same ``id`` stores nothing and answers 200 with
     ``status: duplicate``; a new one answers 201 with ``status: accepted``."""
     principal = principal_of(request)
+    usage = await admit_ingest(state, principal.tenant, datetime.now(UTC))
     body = await read_body(request, MAX_ITEM_BYTES)
     item = ingest.decode_item(0, body)
     if isinstance(item, ItemResult):
         raise _item_problem(item)
     received_at = datetime.now(UTC)
 
+    accepted = 0
+
     async def work(conn: TenantConn) -> tuple[int, bytes]:
-        [result] = await ingest.record(conn, [item], received_at, principal.tenant.schema)
+        nonlocal accepted
+        [result] = await ingest.record(
+            conn,
+            [item],
+            received_at,
+            principal.tenant.schema,
+            usage_period=usage.period if usage else None,
+        )
         if result.status == "rejected":
             raise _item_problem(result)
+        accepted = int(result.status == "accepted")
         occurred_at = ingest.corrected_time(item, received_at)
         assert isinstance(occurred_at, datetime)
         single = SingleResult(
@@ -95,7 +107,7 @@ async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Re
         )
         return (201 if result.status == "accepted" else 200), _encode(single)
 
-    return await idempotent_json(
+    response = await idempotent_json(
         request,
         state.db,
         principal.tenant,
@@ -104,6 +116,9 @@ async def record_touchpoint(request: Request[Any, Any, Any], state: State) -> Re
         work,
         generic_plans=True,
     )
+    if usage is not None:
+        await usage.settle(accepted)
+    return response
 
 
 def _item_problem(result: ItemResult) -> Problem:
@@ -119,13 +134,14 @@ def _item_problem(result: ItemResult) -> Problem:
     summary="Record up to 1,000 touchpoints",
     status_code=200,
     request_max_body_size=MAX_BATCH_BYTES * 2,
-    responses=problem_responses(400, 401, 403, 413, 422, 429),
+    responses=problem_responses(400, 401, 402, 403, 413, 422, 429),
 )
 async def record_batch(request: Request[Any, Any, Any], state: State) -> Response[bytes]:
     """Record up to 1,000 touchpoints (1 MB; each at most 32 KB). Never all-or-nothing and never
     silent: ``results`` has one entry per item, in order, ``accepted``, ``duplicate`` (its ``id``
     was stored before, in this batch or earlier) or ``rejected`` with each failing field's path."""
     principal = principal_of(request)
+    usage = await admit_ingest(state, principal.tenant, datetime.now(UTC))
     body = await read_body(request, MAX_BATCH_BYTES)
     try:
         batch = _batch_decoder.decode(body)
@@ -147,9 +163,19 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
     items = [ingest.decode_item(i, raw) for i, raw in enumerate(batch.touchpoints)]
     received_at = datetime.now(UTC)
 
+    accepted = 0
+
     async def work(conn: TenantConn) -> tuple[int, bytes]:
-        results = await ingest.record(conn, items, received_at, principal.tenant.schema)
+        nonlocal accepted
+        results = await ingest.record(
+            conn,
+            items,
+            received_at,
+            principal.tenant.schema,
+            usage_period=usage.period if usage else None,
+        )
         counts = Counter(result.status for result in results)
+        accepted = counts["accepted"]
         return 200, _encode(
             BatchResult(
                 object="touchpoint_batch",
@@ -160,7 +186,7 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
             )
         )
 
-    return await idempotent_json(
+    response = await idempotent_json(
         request,
         state.db,
         principal.tenant,
@@ -169,6 +195,9 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
         work,
         generic_plans=True,
     )
+    if usage is not None:
+        await usage.settle(accepted)
+    return response
 
 
 touchpoint_routes = [record_touchpoint, record_batch]
