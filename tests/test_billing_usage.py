@@ -21,6 +21,7 @@ from api.config import Settings
 from api.db import Database, tenant_tx
 from api.tenants.lifecycle import ProvisionedShop
 from api.touchpoints import ingest
+from api.webhooks.events import EVENT_TYPES
 from tests.conftest import ProvisionFactory, bearer
 from tests.stripe_fake import FakeStripe
 from tests.test_billing import (  # the module-scoped fake Stripe and billing app
@@ -447,3 +448,7 @@ async def test_every_tenant_query_prepares_against_a_shop_schema(
             named = sql.replace("count(*)", "")
             assert "*" not in named and "shop_" not in sql and "sjaak." not in sql, name
             await conn.prepare(sql)
+
+
+def test_the_quota_events_can_be_subscribed_to() -> None:
+    assert set(usage.ALERT_TYPES.values()) <= set(EVENT_TYPES)

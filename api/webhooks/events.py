@@ -26,6 +26,8 @@ EVENT_TYPES: tuple[str, ...] = (
     "loyalty.points_expiring",
     "loyalty.tier_changed",
     "webhook_endpoint.disabled",
+    "billing.quota_warning",
+    "billing.quota_reached",
 )
 ALL_EVENTS = "*"
 #: Sent only by ``POST /v1/webhook-endpoints/{id}/test``, to that endpoint; never subscribed to.
