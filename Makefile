@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test install lint format typecheck pytest bench bench-tenancy bench-http bench-journey bench-loyalty bench-offers openapi lock clean
+.PHONY: run test install lint format typecheck pytest bench bench-tenancy bench-http bench-journey bench-loyalty bench-offers bench-billing openapi lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11+ is required")'
@@ -49,7 +49,10 @@ bench-loyalty: install ## loyalty programme vs none: single-purchase ingest (alt
 bench-offers: install ## 100k customers, 20 campaigns: offer decisions (dry run) and issuing, req/s and p99; webhook delivery
 	$(PY) -m bench.offers
 
-bench: bench-tenancy bench-http bench-journey bench-loyalty bench-offers
+bench-billing: install ## ingest with usage counting on vs off (target: at most 5 % lower)
+	$(PY) -m bench.billing
+
+bench: bench-tenancy bench-http bench-journey bench-loyalty bench-offers bench-billing
 
 openapi: install ## regenerate the committed spec
 	$(PY) -m api openapi > openapi/openapi.json
