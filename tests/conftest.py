@@ -130,6 +130,9 @@ def settings_for_tests(**overrides: object) -> Settings:
         "secret_key": TEST_SECRET,
         "revocation_poll_seconds": 0.0,
         "issuer": "http://sjaak.test",
+        # Free's campaign and webhook-endpoint limits are lifted for tests that make several;
+        # tests of the limits set their own plans.
+        "billing_plans": '{"free": {"campaigns": -1, "webhook_endpoints": -1}}',
     }
     values.update(overrides)
     return load_settings({}, **values)

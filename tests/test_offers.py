@@ -19,7 +19,7 @@ from api.offers.campaigns import Campaign, CampaignCounts, CampaignSpec, Reward
 from api.offers.decide import assignment
 from api.offers.triggers import DECIDE_ENTRYPOINT, decide_job, decide_trigger
 from api.tenants.lifecycle import ProvisionedShop
-from tests.conftest import ProvisionFactory, bearer
+from tests.conftest import ProvisionFactory, bearer, http_client, make_app
 from tests.test_http import assert_problem
 from tests.test_loyalty import action, purchase, refund, shop_with, unique
 from tests.test_touchpoints import NOW, iso, send, touchpoint
@@ -624,3 +624,19 @@ async def test_merges_move_offers_and_erasure_removes_them(
     async with tenant_tx(db, shop_.tenant.as_tenant()) as conn:
         for table in ("offers", "campaign_assignments", "offer_triggers"):
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 0, table
+
+
+async def test_the_plan_caps_campaigns_that_have_not_ended(
+    db: Database, provision: ProvisionFactory
+) -> None:
+    async with http_client(make_app(db, billing_plans="")) as client:  # the real plans
+        key = (await shop(provision)).secret_key
+        first = await create_campaign(client, key)
+        refused = await client.post("/v1/campaigns", json=campaign_body(), headers=bearer(key))
+        problem = assert_problem(refused, 403, "plan-limit-reached")
+        assert "Free plan allows 1 campaign" in str(problem["detail"])
+        ended = await client.patch(
+            f"/v1/campaigns/{first['id']}", json={"status": "ended"}, headers=bearer(key)
+        )
+        assert ended.status_code == 200
+        await create_campaign(client, key)

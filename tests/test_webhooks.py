@@ -1128,3 +1128,14 @@ async def test_pruning_removes_old_dispatched_outbox_rows_only(
         assert await dispatch.prune_events(conn) == 1
         left = [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")]
     assert left == ids[1:]
+
+
+async def test_the_plan_caps_webhook_endpoints(db: Database, provision: ProvisionFactory) -> None:
+    settings = {"billing_plans": "", "webhooks_allow_loopback": True}
+    async with http_client(make_app(db, **settings)) as client:  # the real plans
+        key = (await provision(unique("Capped hooks"))).secret_key
+        body = {"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}
+        made = await client.post("/v1/webhook-endpoints", json=body, headers=bearer(key))
+        assert made.status_code == 201, made.text
+        refused = await client.post("/v1/webhook-endpoints", json=body, headers=bearer(key))
+        assert_problem(refused, 403, "plan-limit-reached")

@@ -14,7 +14,7 @@ from litestar.datastructures import State
 
 from api.billing.accounts import Entitlements
 from api.billing.usage import PLAN_LIMIT
-from api.db import Tenant
+from api.db import Tenant, TenantConn
 from api.errors import Problem
 
 Resource = Literal["campaigns", "webhook_endpoints"]
@@ -36,3 +36,21 @@ async def ensure_room(state: State, tenant: Tenant, resource: Resource, in_use: 
             f"The {plan.name} plan allows {limit} {label}; this shop has {in_use}. Remove one,"
             " or change plan (POST /v1/billing/checkout).",
         )
+
+
+#: What counts against each limit, in the shop's schema: ended campaigns do not.
+_IN_USE_SQL: dict[Resource, str] = {
+    "campaigns": "SELECT count(*) FROM campaigns WHERE status <> 'ended'",
+    "webhook_endpoints": "SELECT count(*) FROM webhook_endpoints",
+}
+
+
+async def ensure_room_in(
+    conn: TenantConn, state: State, tenant: Tenant, resource: Resource
+) -> None:
+    """:func:`ensure_room` with the count taken in ``conn``'s transaction, after a lock that
+    queues the shop's concurrent creations of ``resource`` (so two cannot both take the last
+    place)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"sjaak.limit.{resource}")
+    in_use: int = await conn.fetchval(_IN_USE_SQL[resource])
+    await ensure_room(state, tenant, resource, in_use)

@@ -13,6 +13,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, Parameter
 
 from api.auth.guards import principal_of
+from api.billing.limits import ensure_room_in
 from api.customers.profiles import not_found, resolve_customer_ref
 from api.db import TenantConn, in_tenant
 from api.errors import problem_responses
@@ -60,13 +61,16 @@ class CampaignController(Controller):
     ) -> Response[bytes]:
         """A campaign: targeting, an optional trigger, the reward, limits and budget, holdout
         share, variants and the code format. Every failing field is reported with its JSON path.
-        Starts as `draft` unless `status` says `active`. Send an `Idempotency-Key` to retry
-        safely."""
+        Starts as `draft` unless `status` says `active`. The shop's plan caps how many campaigns
+        that have not ended it holds (Free 1, Growth 25, Scale no limit by default;
+        `403 plan-limit-reached` beyond). Send an `Idempotency-Key` to retry safely."""
         principal = principal_of(request)
         body = await read_body(request, MAX_CAMPAIGN_BYTES)
         spec = campaigns.parse_spec(body)
 
         async def work(conn: TenantConn) -> tuple[int, bytes]:
+            if spec.status != "ended":
+                await ensure_room_in(conn, state, principal.tenant, "campaigns")
             return 201, _encode(await campaigns.create(conn, spec, principal.credential_id))
 
         response = await idempotent_json(

@@ -22,7 +22,8 @@ from api.webhooks.events import ALL_EVENTS, EVENT_TYPES
 from api.webhooks.signing import generate_secret
 
 #: A shop has at most this many endpoints.
-MAX_ENDPOINTS = 20
+#: A safety cap for plans that lift the limit; the plan's own limit applies first.
+MAX_ENDPOINTS = 100
 MAX_ROTATION_GRACE = 7 * 86400
 DisabledReason = Literal["sustained_failure"]
 

@@ -16,6 +16,7 @@ from litestar.params import FromPath, JSONBody
 
 from api.auth.guards import principal_of
 from api.auth.secrets import Keyring
+from api.billing.limits import ensure_room_in
 from api.config import Settings
 from api.db import TenantConn, in_tenant
 from api.errors import FieldError, Problem, problem_responses
@@ -121,7 +122,7 @@ class WebhookEndpointController(Controller):
             201: _spec(
                 WebhookEndpointWithSecret, "The endpoint, with its signing secret (shown once)."
             ),
-            **problem_responses(401, 403, 409, 422, 429),
+            **problem_responses(401, 403, 422, 429),
         },
     )
     async def create(
@@ -130,14 +131,18 @@ class WebhookEndpointController(Controller):
         """Events of the subscribed types are POSTed to `url`, signed with the endpoint's
         secret (`whsec_…`), which is in this response only: store it now. The URL must pass
         the SSRF guard (a public host; https in production); a refusal is a 422 naming `$.url`
-        with the reason. A shop has at most 20 endpoints (409 beyond). Only events that happen
-        after the endpoint is created are sent to it. Send an `Idempotency-Key` to retry
+        with the reason. The shop's plan caps how many endpoints it holds (Free 1, Growth 5,
+        Scale 25 by default; `403 plan-limit-reached` beyond). Only events that happen after
+        the endpoint is created are sent to it. Send an `Idempotency-Key` to retry
         safely."""
         endpoints.validated_event_types(data.event_types)
         await _check_url(request, data.url)
         keyring: Keyring = state.keyring
 
+        tenant = principal_of(request).tenant
+
         async def make(conn: TenantConn) -> WebhookEndpointWithSecret:
+            await ensure_room_in(conn, state, tenant, "webhook_endpoints")
             return await endpoints.create_endpoint(conn, keyring, data)
 
         return await _with_secret(request, state, f"POST {PATH}", 201, await request.body(), make)
