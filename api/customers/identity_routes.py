@@ -11,7 +11,10 @@ from litestar.params import FromPath, JSONBody
 
 from api.auth.guards import principal_of
 from api.customers import linking, privacy
-from api.customers.profiles import customer_by_ref, not_found, resolve_customer_ref
+from api.customers.profiles import (
+    customer_by_ref,
+    customer_ref_or_404,
+)
 from api.customers.schemas import TraitsUpdate
 from api.customers.traits import update_traits, validated_writes
 from api.db import TenantConn, in_tenant
@@ -128,9 +131,7 @@ async def erase_customer(
     rejected, so the person is not recreated."""
 
     async def work(conn: TenantConn) -> Erasure:
-        ref = await resolve_customer_ref(conn, customer_id)
-        if ref is None:
-            raise not_found(customer_id)
+        ref = await customer_ref_or_404(conn, customer_id)
         counts = await privacy.erase(conn, ref)
         return msgspec.convert({"customer_id": customer_id, **counts}, Erasure)
 
@@ -151,9 +152,7 @@ async def export_customer(
     """The profile (and any merged into it), every id and every touchpoint, as JSON."""
 
     async def work(conn: TenantConn) -> dict[str, Any]:
-        ref = await resolve_customer_ref(conn, customer_id)
-        if ref is None:
-            raise not_found(customer_id)
+        ref = await customer_ref_or_404(conn, customer_id)
         return {
             "object": "customer_export",
             "customer_id": customer_id,

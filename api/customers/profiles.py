@@ -111,6 +111,14 @@ async def resolve_customer_ref(conn: TenantConn, customer_id: str) -> int | None
     return ref
 
 
+async def customer_ref_or_404(conn: TenantConn, customer_id: str) -> int:
+    """:func:`resolve_customer_ref`, or the ``not-found`` problem a route answers with."""
+    ref = await resolve_customer_ref(conn, customer_id)
+    if ref is None:
+        raise not_found(customer_id)
+    return ref
+
+
 async def get_customer(conn: TenantConn, customer_id: str) -> Customer:
     """The profile ``customer_id`` leads to; a 404 problem if the shop has no such customer."""
     row = await conn.fetchrow(CUSTOMER_SQL, customer_id, MAX_MERGE_HOPS)

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from api.customers.profiles import not_found, resolve_customer_ref
+from api.customers.profiles import customer_ref_or_404
 from api.customers.schemas import TimelineTouchpoint
 from api.db import TenantConn
 from api.errors import FieldError, Problem
@@ -59,9 +59,7 @@ async def list_timeline(
 ) -> Page[TimelineTouchpoint]:
     """The touchpoints of the profile ``customer_id`` leads to, newest ``occurred_at`` first; a
     404 problem if the shop has no such customer."""
-    ref = await resolve_customer_ref(conn, customer_id)
-    if ref is None:
-        raise not_found(customer_id)
+    ref = await customer_ref_or_404(conn, customer_id)
     cursor_id: int | None = None
     cursor_at: datetime | None = None
     if starting_after is not None:

@@ -18,7 +18,7 @@ from typing import Literal, TypeVar
 import asyncpg
 import msgspec
 
-from api.customers.profiles import not_found, resolve_customer_ref
+from api.customers.profiles import customer_ref_or_404, not_found
 from api.customers.schemas import Stage
 from api.db import TenantConn
 from api.journey.rules import DRIFT_STATES, STAGES
@@ -100,9 +100,7 @@ async def customer_journey(
     conn: TenantConn, customer_id: str, *, now: datetime | None = None
 ) -> CustomerJourney:
     """The journey of the profile ``customer_id`` leads to (following merges); 404 if none."""
-    ref = await resolve_customer_ref(conn, customer_id)
-    if ref is None:
-        raise not_found(customer_id)
+    ref = await customer_ref_or_404(conn, customer_id)
     return await journey_of(conn, ref, customer_id, now=now)
 
 

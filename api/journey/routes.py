@@ -13,7 +13,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from api.auth.guards import principal_of
-from api.customers.profiles import not_found, resolve_customer_ref
+from api.customers.profiles import customer_ref_or_404, not_found
 from api.customers.schemas import Stage
 from api.db import TenantConn, in_tenant
 from api.errors import FieldError, Problem, problem_responses
@@ -88,9 +88,7 @@ async def set_customer_stage(
         )
 
     async def work(conn: TenantConn) -> tuple[int, bytes]:
-        ref = await resolve_customer_ref(conn, customer_id)
-        if ref is None:
-            raise not_found(customer_id)
+        ref = await customer_ref_or_404(conn, customer_id)
         current = await conn.fetchrow(
             f"SELECT {PROFILE_COLUMNS} FROM customers c WHERE c.id = $1 FOR UPDATE", ref
         )

@@ -16,7 +16,7 @@ from litestar.params import FromPath, JSONBody, Parameter
 
 from api.analytics.filters import From, To, filters
 from api.auth.guards import principal_of
-from api.customers.profiles import not_found, resolve_customer_ref
+from api.customers.profiles import customer_ref_or_404
 from api.db import TenantConn, in_tenant
 from api.errors import FieldError, Problem, problem_responses
 from api.idempotency import idempotent_json
@@ -56,9 +56,7 @@ async def _for_customer(
     tenant = principal_of(request).tenant
 
     async def run(conn: TenantConn) -> T:
-        ref = await resolve_customer_ref(conn, customer_id)
-        if ref is None:
-            raise not_found(customer_id)
+        ref = await customer_ref_or_404(conn, customer_id)
         return await work(conn, ref, await program.current_program(conn, tenant.schema))
 
     return await in_tenant(state.db, tenant, run)
@@ -76,9 +74,7 @@ async def _write_for_customer(
     principal = principal_of(request)
 
     async def run(conn: TenantConn) -> tuple[int, bytes]:
-        ref = await resolve_customer_ref(conn, customer_id)
-        if ref is None:
-            raise not_found(customer_id)
+        ref = await customer_ref_or_404(conn, customer_id)
         current = await program.current_program(conn, principal.tenant.schema)
         return status, _encode(await work(conn, ref, current))
 

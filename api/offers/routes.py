@@ -14,7 +14,7 @@ from litestar.params import FromPath, JSONBody, Parameter
 
 from api.auth.guards import principal_of
 from api.billing.limits import ensure_room_in
-from api.customers.profiles import not_found, resolve_customer_ref
+from api.customers.profiles import customer_ref_or_404
 from api.db import TenantConn, in_tenant
 from api.errors import problem_responses
 from api.idempotency import idempotent_json
@@ -181,9 +181,7 @@ class CustomerOffersController(Controller):
         principal = principal_of(request)
 
         async def work(conn: TenantConn) -> tuple[int, bytes]:
-            ref = await resolve_customer_ref(conn, customer_id)
-            if ref is None:
-                raise not_found(customer_id)
+            ref = await customer_ref_or_404(conn, customer_id)
             now = datetime.now(UTC)
             result = await triggers.trigger(conn, ref, principal.tenant.schema, data, now)
             return 200, _encode(result)
@@ -213,9 +211,7 @@ class CustomerOffersController(Controller):
         """Active, redeemed and expired offers, newest first (the latest 500)."""
 
         async def work(conn: TenantConn) -> list[OfferView]:
-            ref = await resolve_customer_ref(conn, customer_id)
-            if ref is None:
-                raise not_found(customer_id)
+            ref = await customer_ref_or_404(conn, customer_id)
             return await decide.customer_offers(conn, ref, datetime.now(UTC), status)
 
         return await in_tenant(state.db, principal_of(request).tenant, work)
@@ -258,9 +254,7 @@ async def redeem_offer(
     principal = principal_of(request)
 
     async def work(conn: TenantConn) -> tuple[int, bytes]:
-        ref = await resolve_customer_ref(conn, data.customer_id)
-        if ref is None:
-            raise not_found(data.customer_id)
+        ref = await customer_ref_or_404(conn, data.customer_id)
         order = coupons.OrderFacts(data.order_id, data.amount, data.currency, data.shipping)
         offer = await coupons.redeem(
             conn, code, ref, order, datetime.now(UTC), principal.tenant.schema
