@@ -8,8 +8,9 @@ it, and every framework error, into ``application/problem+json`` without leaking
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import MediaType, Request, Response, get
@@ -19,6 +20,7 @@ from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+T = TypeVar("T")
 log = logging.getLogger("sjaak.errors")
 
 
@@ -173,6 +175,39 @@ class Problem(Exception):
         self.detail = detail
         self.errors = errors
         self.headers = headers or {}
+
+
+def field_error(exc: msgspec.ValidationError, prefix: str = "$") -> FieldError:
+    """msgspec's message at its JSON path (``prefix`` stands for the decoded value's root)."""
+    message, _, path = str(exc).partition(" - at `")
+    return FieldError(prefix + path.rstrip("`").removeprefix("$"), message)
+
+
+_FIELD_MESSAGE = re.compile(r"^Object (contains unknown|missing required) field `(.+)`$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def exact_field(error: FieldError) -> FieldError:
+    """``Object contains unknown field `x``` at ``$.a`` becomes ``unknown field`` at ``$.a.x``
+    (likewise a missing required field): the error names the field itself."""
+    found = _FIELD_MESSAGE.fullmatch(error.message)
+    if found is None:
+        return error
+    name = found[2]
+    key = f".{name}" if _IDENTIFIER.fullmatch(name) else f"[{msgspec.json.encode(name).decode()}]"
+    what = "unknown field" if found[1] == "contains unknown" else "required field is missing"
+    return FieldError(error.path + key, what)
+
+
+def decode_json(body: bytes, kind: type[T], detail: str = "1 field(s) failed validation.") -> T:
+    """``body`` as ``kind``: a 400 ``malformed-body`` when it is not JSON, a 422 naming the
+    failing field (with ``detail``) when it does not fit."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise Problem("validation", detail, errors=[field_error(exc)]) from exc
+    except msgspec.DecodeError as exc:
+        raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc
 
 
 def problem_responses(*statuses: int) -> dict[int, ResponseSpec]:

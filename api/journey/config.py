@@ -9,7 +9,6 @@ preview runs a proposed rule set over every profile in one read-only query inste
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from typing import Literal
 
@@ -17,7 +16,7 @@ import asyncpg
 import msgspec
 
 from api.db import TenantConn
-from api.errors import FieldError, Problem
+from api.errors import FieldError, Problem, exact_field
 from api.journey.rules import (
     DEFAULT_RULES,
     MAX_DEPTH,
@@ -106,23 +105,8 @@ def validated_rules(body: bytes) -> RuleSet:
         ) from exc
     except Problem as problem:
         if problem.errors:
-            problem.errors = [_exact(error) for error in problem.errors]
+            problem.errors = [exact_field(error) for error in problem.errors]
         raise
-
-
-_FIELD_MESSAGE = re.compile(r"^Object (contains unknown|missing required) field `(.+)`$")
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _exact(error: FieldError) -> FieldError:
-    """``Object contains unknown field `x``` at ``$.a`` becomes ``unknown field`` at ``$.a.x``."""
-    found = _FIELD_MESSAGE.fullmatch(error.message)
-    if found is None:
-        return error
-    name = found[2]
-    key = f".{name}" if _IDENTIFIER.fullmatch(name) else f"[{msgspec.json.encode(name).decode()}]"
-    what = "unknown field" if found[1] == "contains unknown" else "required field is missing"
-    return FieldError(error.path + key, what)
 
 
 # --- reading and writing versions ---------------------------------------------------------------

@@ -46,7 +46,6 @@ What is incremental
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -57,7 +56,7 @@ import msgspec
 
 from api.customers.schemas import RfmSegment
 from api.db import Database, Tenant, TenantConn
-from api.errors import FieldError, Problem
+from api.errors import Problem, exact_field, field_error
 from api.tenants.fanout import in_every_shop
 
 DEFAULT_WINDOW_DAYS = 365
@@ -190,8 +189,6 @@ class RfmSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _settings_decoder = msgspec.json.Decoder(RfmSettingsIn)
-_FIELD_MESSAGE = re.compile(r"^Object (contains unknown|missing required) field `(.+)`$")
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def parse_settings(body: bytes) -> RfmSettingsIn:
@@ -200,23 +197,10 @@ def parse_settings(body: bytes) -> RfmSettingsIn:
     try:
         return _settings_decoder.decode(body)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `")
-        path = where.rstrip("`") or "$"
-        found = _FIELD_MESSAGE.fullmatch(message)
-        if found is not None:
-            name = found[2]
-            path += (
-                f".{name}"
-                if _IDENTIFIER.fullmatch(name)
-                else f"[{msgspec.json.encode(name).decode()}]"
-            )
-            message = (
-                "unknown field" if found[1] == "contains unknown" else "required field is missing"
-            )
         raise Problem(
             "validation",
             "The RFM settings failed validation.",
-            errors=[FieldError(path, message)],
+            errors=[exact_field(field_error(exc))],
         ) from exc
     except msgspec.DecodeError as exc:
         raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from api.errors import FieldError, Problem
+from api.errors import FieldError, Problem, field_error
 from api.touchpoints.schemas import CUSTOM_TYPE, STANDARD_TYPES, Channel
 
 STAGES: tuple[str, ...] = (
@@ -139,7 +139,7 @@ def parse_rules(body: bytes) -> RuleSet:
     try:
         envelope = msgspec.json.decode(body, type=_Envelope)
     except msgspec.ValidationError as exc:
-        raise _invalid([_field_error(exc, "$")]) from exc
+        raise _invalid([field_error(exc, "$")]) from exc
     except msgspec.DecodeError as exc:
         raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc
     errors: list[FieldError] = []
@@ -152,7 +152,7 @@ def parse_rules(body: bytes) -> RuleSet:
         try:
             stages[stage] = msgspec.json.decode(raw, type=Condition)
         except msgspec.ValidationError as exc:
-            errors.append(_field_error(exc, path))
+            errors.append(field_error(exc, path))
             continue
         errors.extend(_condition_errors(stages[stage], path, 1))
     rules = RuleSet(stages=stages, drift=envelope.drift)
@@ -163,11 +163,6 @@ def parse_rules(body: bytes) -> RuleSet:
     if errors:
         raise _invalid(errors)
     return rules
-
-
-def _field_error(exc: msgspec.ValidationError, prefix: str) -> FieldError:
-    message, _, path = str(exc).partition(" - at `")
-    return FieldError(prefix + path.rstrip("`").removeprefix("$"), message)
 
 
 def _invalid(errors: list[FieldError]) -> Problem:

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from api.db import TenantConn
-from api.errors import FieldError, Problem
+from api.errors import FieldError, Problem, decode_json
 from api.touchpoints.schemas import CUSTOM_TYPE, STANDARD_TYPES
 
 Points = Annotated[int, msgspec.Meta(ge=0, le=10**9)]
@@ -124,13 +124,7 @@ class LoyaltyConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 def parse_program(body: bytes) -> Program:
     """A programme from JSON, or a 422 naming every failing path."""
-    try:
-        program = msgspec.json.decode(body, type=Program)
-    except msgspec.ValidationError as exc:
-        message, _, path = str(exc).partition(" - at `")
-        raise _invalid([FieldError(path.rstrip("`") or "$", message)]) from exc
-    except msgspec.DecodeError as exc:
-        raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc
+    program = decode_json(body, Program)
     errors = program_errors(program)
     if errors:
         raise _invalid(errors)

@@ -17,7 +17,7 @@ import msgspec
 
 from api.customers.schemas import RfmSegment, Stage
 from api.db import TenantConn
-from api.errors import FieldError, Problem
+from api.errors import FieldError, Problem, decode_json
 from api.pagination import Page, page_of
 from api.touchpoints.schemas import CUSTOM_TYPE, STANDARD_TYPES
 
@@ -209,25 +209,14 @@ class Campaign(msgspec.Struct, frozen=True, kw_only=True):
 # --- validation ---------------------------------------------------------------------------------
 
 
-def _decode(body: bytes, kind: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(body, type=kind)
-    except msgspec.ValidationError as exc:
-        message, _, path = str(exc).partition(" - at `")
-        raise invalid([FieldError(path.rstrip("`") or "$", message)]) from exc
-    except msgspec.DecodeError as exc:
-        raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc
-
-
 def parse_spec(body: bytes) -> CampaignSpec:
-    spec: CampaignSpec = _decode(body, CampaignSpec)
+    spec = decode_json(body, CampaignSpec)
     _check(spec)
     return spec
 
 
 def parse_patch(body: bytes) -> CampaignPatch:
-    patch: CampaignPatch = _decode(body, CampaignPatch)
-    return patch
+    return decode_json(body, CampaignPatch)
 
 
 def patched(spec: CampaignSpec, patch: CampaignPatch) -> CampaignSpec:

@@ -17,6 +17,7 @@ import msgspec
 
 from api.billing.usage import counting
 from api.db import TenantConn
+from api.errors import field_error
 from api.journey import stages
 from api.journey.stages import PROFILE_COLUMNS
 from api.loyalty import earning
@@ -58,8 +59,8 @@ def decode_item(index: int, raw: bytes | msgspec.Raw) -> TouchpointIn | ItemResu
     try:
         item = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
-        message, _, path = str(exc).partition(" - at `")
-        return _rejected(index, path.rstrip("`") or "$", message)
+        error = field_error(exc)
+        return _rejected(index, error.path, error.message)
     except msgspec.DecodeError as exc:
         return _rejected(index, "$", f"not valid JSON: {exc}")
     errors = rule_violations(item)

@@ -13,7 +13,7 @@ from litestar.datastructures import State
 from api.auth.guards import principal_of
 from api.billing.usage import admit_ingest
 from api.db import TenantConn
-from api.errors import FieldError, Problem, problem_responses
+from api.errors import FieldError, Problem, field_error, problem_responses
 from api.idempotency import idempotent_json
 from api.touchpoints import ingest
 from api.touchpoints.schemas import (
@@ -146,11 +146,8 @@ async def record_batch(request: Request[Any, Any, Any], state: State) -> Respons
     try:
         batch = _batch_decoder.decode(body)
     except msgspec.ValidationError as exc:
-        message, _, path = str(exc).partition(" - at `")
         raise Problem(
-            "validation",
-            "The batch envelope is invalid.",
-            errors=[FieldError(path.rstrip("`") or "$", message)],
+            "validation", "The batch envelope is invalid.", errors=[field_error(exc)]
         ) from exc
     except msgspec.DecodeError as exc:
         raise Problem("malformed-body", f"The request body is not valid JSON: {exc}") from exc
