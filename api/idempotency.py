@@ -33,7 +33,7 @@ import msgspec
 from litestar import MediaType, Request, Response
 
 from api.auth.guards import raw_header
-from api.db.pool import Database
+from api.db.pool import Database, rows_affected
 from api.db.tenant import Tenant, TenantConn, in_tenant
 from api.errors import PROBLEM_TYPES, FieldError, Problem, ProblemType
 
@@ -217,4 +217,4 @@ async def prune_expired_keys(conn: TenantConn) -> int:
     status = await conn.execute(
         f"DELETE FROM idempotency_keys WHERE created_at <= now() - interval '{RETENTION}'"
     )
-    return int(status.rsplit(" ", 1)[-1])
+    return rows_affected(status)

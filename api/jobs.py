@@ -22,7 +22,7 @@ from pgqueuer.adapters.persistence.qb import QueryQueueBuilder
 
 from api.auth.secrets import Keyring
 from api.config import Settings
-from api.db import Database
+from api.db import Database, rows_affected
 from api.db.pool import PooledConnection
 from api.db.queue import QUEUE_NAMES
 
@@ -153,7 +153,7 @@ async def prune_expired_credentials(db: Database) -> int:
             " WHERE expires_at < now() - interval '1 day'",
         ):
             status = await conn.execute(statement)
-            deleted += int(status.rsplit(" ", 1)[-1])
+            deleted += rows_affected(status)
     return deleted
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from api.db import TenantConn
+from api.db import TenantConn, rows_affected
 from api.touchpoints.ingest import suppression_hash
 from api.webhooks.events import publish
 
@@ -104,8 +104,8 @@ async def erase(conn: TenantConn, ref: int) -> dict[str, int]:
     return {
         "profiles": len(family),
         "ids": len(ids),
-        "touchpoints_removed": _count(removed),
-        "accounting_records_kept": _count(kept),
+        "touchpoints_removed": rows_affected(removed),
+        "accounting_records_kept": rows_affected(kept),
     }
 
 
@@ -150,7 +150,3 @@ async def export(conn: TenantConn, ref: int) -> dict[str, Any]:
         "identities": [dict(r) for r in ids],
         "touchpoints": [dict(r) for r in touchpoints],
     }
-
-
-def _count(status: str) -> int:
-    return int(status.rsplit(" ", 1)[-1])

@@ -98,3 +98,8 @@ class Database:
                 return bool(await conn.fetchval("SELECT true", timeout=2))
         except (OSError, asyncpg.PostgresError, TimeoutError):
             return False
+
+
+def rows_affected(status: str) -> int:
+    """How many rows a command touched, from its status tag (``DELETE 3``, ``INSERT 0 5``)."""
+    return int(status.rsplit(" ", 1)[-1])

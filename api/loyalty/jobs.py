@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from api.db import Database, Tenant, TenantConn
+from api.db import Database, Tenant, TenantConn, rows_affected
 from api.loyalty import ledger, tiers
 from api.loyalty.program import current_program
 from api.tenants.fanout import in_every_shop
@@ -61,7 +61,7 @@ async def warn_expiring(conn: TenantConn, schema: str, now: datetime) -> int:
         now,
         horizon,
     )
-    return int(status.rsplit(" ", 1)[-1])
+    return rows_affected(status)
 
 
 async def review_tiers(conn: TenantConn, schema: str, now: datetime, batch: int = BATCH) -> int:

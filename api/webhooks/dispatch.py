@@ -22,7 +22,7 @@ from uuid import UUID
 import msgspec
 from pgqueuer.adapters.persistence.qb import QueryQueueBuilder
 
-from api.db import Database, Tenant, TenantConn
+from api.db import Database, Tenant, TenantConn, rows_affected
 from api.db.queue import QUEUE_NAMES
 from api.tenants.fanout import in_every_shop
 
@@ -166,7 +166,7 @@ async def prune_events(conn: TenantConn) -> int:
     outbox = await conn.execute(
         "DELETE FROM outbox WHERE delivered_at < now() - $1::interval", RETENTION
     )
-    return int(status.rsplit(" ", 1)[-1]) + int(outbox.rsplit(" ", 1)[-1])
+    return rows_affected(status) + rows_affected(outbox)
 
 
 async def prune_all_shops(db: Database) -> int:
