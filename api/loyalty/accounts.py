@@ -133,9 +133,7 @@ async def settled(conn: TenantConn, ref: int, now: datetime) -> None:
     """Activate and expire what is due for this customer, if anything is (a read then reports
     the balance as of now, even if the jobs have not run yet)."""
     due = await conn.fetchval(
-        "SELECT EXISTS (SELECT 1 FROM loyalty_lots WHERE customer_ref = $1 AND remaining > 0"
-        " AND ((state = 'pending' AND activates_at <= $2)"
-        "      OR (expires_at IS NOT NULL AND expires_at <= $2)))",
+        f"SELECT EXISTS (SELECT 1 FROM loyalty_lots WHERE customer_ref = $1 AND {ledger.DUE_LOTS})",
         ref,
         now,
     )

@@ -365,16 +365,20 @@ def add_lot(
     )
 
 
+#: A lot with something to settle at ``$2``: pending past its activation, or active past expiry.
+DUE_LOTS = (
+    "remaining > 0 AND ((state = 'pending' AND activates_at <= $2)"
+    " OR (expires_at IS NOT NULL AND expires_at <= $2))"
+)
+
+
 async def settle(conn: TenantConn, account: Account, now: datetime) -> None:
     """Activate the pending lots whose time has come, then expire the active lots whose time has
     passed: what the jobs do, done first by any write so it never spends an expired point."""
     _no_unsaved_lots(account)
     due = await conn.fetch(
         "SELECT id, remaining, state, activates_at, expires_at FROM loyalty_lots"
-        " WHERE customer_ref = $1 AND remaining > 0"
-        " AND ((state = 'pending' AND activates_at <= $2)"
-        "      OR (expires_at IS NOT NULL AND expires_at <= $2))"
-        " ORDER BY activates_at, id",
+        f" WHERE customer_ref = $1 AND {DUE_LOTS} ORDER BY activates_at, id",
         account.ref,
         now,
     )

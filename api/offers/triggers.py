@@ -55,6 +55,9 @@ class TriggerIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen
     dry_run: bool = False
 
 
+Outcome = Literal["issued", "holdout", "would_issue", "not_chosen", "not_eligible", "budget_spent"]
+
+
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
     campaign_id: str
     campaign_name: str
@@ -62,9 +65,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     #: ``issued``, ``holdout`` (eligible, kept as control: nothing sent), ``would_issue`` (dry
     #: run), ``not_chosen`` (eligible but another campaign won and they do not stack),
     #: ``not_eligible``, or ``budget_spent`` (ran out while issuing).
-    outcome: Literal[
-        "issued", "holdout", "would_issue", "not_chosen", "not_eligible", "budget_spent"
-    ]
+    outcome: Outcome
     reason: str
     arm: Literal["treatment", "holdout"]
     variant: str | None
@@ -97,6 +98,7 @@ async def trigger(
     cause = f"request:{uuid.uuid4().hex}"
     for verdict in verdicts:
         campaign = verdict.campaign
+        outcome: Outcome
         if not verdict.eligible:
             outcome = "not_eligible"
         elif campaign.id not in chosen:
@@ -117,7 +119,7 @@ async def trigger(
                 campaign_id=campaign.id,
                 campaign_name=campaign.spec.name,
                 priority=campaign.spec.priority,
-                outcome=outcome,  # type: ignore[arg-type]
+                outcome=outcome,
                 reason=verdict.reason,
                 arm=verdict.arm,
                 variant=verdict.variant,
